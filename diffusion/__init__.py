@@ -1,0 +1,9 @@
+"""Denoising diffusion in JAX, written to be read.
+
+One idea per module:
+
+- ``schedules``  noise schedules (beta, alpha_bar, sigma, SNR) and timestep spacing
+- ``forward``    the forward process q(x_t | x_0) and conversions between parameterizations
+- ``mixture``    Gaussian mixtures and their exact (closed-form) denoiser
+- ``data``       the embedded MNIST digits, full MNIST / Fashion-MNIST downloads, 2-D toys
+"""
