@@ -22,6 +22,7 @@ schedule's arrays (0 .. T-1, see ``diffusion.schedules``).
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion.schedules import Schedule
 
@@ -41,8 +42,8 @@ def _gather(values, t, x):
 
 def vp_scales(schedule: Schedule, t, x):
     """(signal_scale, noise_scale) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), broadcast against x."""
-    alpha_bar = _gather(schedule.alpha_bar, t, x)
-    return jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+    # Both square roots are taken in float64 (1 - alpha_bar is about 1e-4 at t = 0).
+    return _gather(np.sqrt(schedule.alpha_bar), t, x), _gather(np.sqrt(1.0 - schedule.alpha_bar), t, x)
 
 
 def q_sample(schedule: Schedule, x0, t, noise):
@@ -74,13 +75,15 @@ def posterior_mean_variance(schedule: Schedule, x0, x_t, t):
     At t = 0 the previous level is the data itself (alpha_bar_{-1} = 1), so
     the mean is x_0 and the variance 0.
     """
-    alpha_bar_prev_all = jnp.concatenate([jnp.ones(1), jnp.asarray(schedule.alpha_bar[:-1])])
-    alpha_bar = _gather(schedule.alpha_bar, t, x_t)
-    alpha_bar_prev = _gather(alpha_bar_prev_all, t, x_t)
-    beta = _gather(schedule.betas, t, x_t)
-    alpha = 1.0 - beta
-    mean = (jnp.sqrt(alpha_bar_prev) * beta * x0 + jnp.sqrt(alpha) * (1.0 - alpha_bar_prev) * x_t) / (1.0 - alpha_bar)
-    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta
+    # The coefficients are formed in float64 on the host: 1 - alpha_bar is tiny at small t,
+    # and forming it in float32 would lose most of its digits.
+    alpha_bar = schedule.alpha_bar
+    alpha_bar_prev = np.concatenate([[1.0], alpha_bar[:-1]])
+    coef_x0 = np.sqrt(alpha_bar_prev) * schedule.betas / (1.0 - alpha_bar)
+    coef_xt = np.sqrt(schedule.alphas) * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * schedule.betas
+    mean = _gather(coef_x0, t, x_t) * x0 + _gather(coef_xt, t, x_t) * x_t
+    variance = _gather(variance, t, x_t)
     return mean, variance
 
 
