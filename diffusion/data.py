@@ -1,0 +1,420 @@
+"""Data: the embedded MNIST digits, full MNIST / Fashion-MNIST downloads, 2-D toys.
+
+Everything here is plain NumPy; the training code turns batches into JAX arrays.
+
+Images
+    ``load_dataset(name, split)`` returns ``(images, labels)`` with images of
+    shape (N, 28, 28), dtype uint8, 0..255, and labels of shape (N,), dtype
+    uint8, 0..9. Three datasets:
+
+    ``mnist-embedded``  10,000 MNIST digits that ship inside the package
+                        (``diffusion/data/mnist_embedded.npz``, see the README
+                        next to it), split into 9,000 train / 1,000 test digits.
+                        Works offline; the default.
+    ``mnist``           the full MNIST (LeCun, Cortes & Burges): 60,000 train,
+                        10,000 test. Downloaded once into the cache folder.
+    ``fashion-mnist``   Fashion-MNIST (Xiao, Rasul & Vollgraf, 2017), same
+                        sizes and file format, pictures of clothes.
+
+    ``to_model_range`` maps uint8 pixels to the float range [-1, 1] the
+    diffusion model works in, adding a channel axis (NHWC, JAX's convention);
+    ``from_model_range`` maps model outputs back to uint8 pixels.
+
+Batches
+    ``batches`` yields shuffled minibatches forever. The shuffle of each epoch
+    is a function of (seed, epoch) only, so a run can restart at any step and
+    see exactly the batches it would have seen.
+
+2-D toys
+    ``sample_toy(name, seed, n)`` draws n points from a 2-D distribution
+    (two moons, Swiss roll, eight Gaussians, checkerboard): small enough to
+    train in seconds and to look at in a scatter plot.
+"""
+
+import gzip
+import hashlib
+import http.client
+import importlib.resources
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+DATASET_NAMES = ("mnist-embedded", "mnist", "fashion-mnist")
+SPLITS = ("train", "test")
+
+NUM_CLASSES = 10
+
+
+class DataError(Exception):
+    """A dataset could not be downloaded, verified or read. The message says what failed and what to do."""
+
+
+# ---------------------------------------------------------------------------
+# The embedded digits
+# ---------------------------------------------------------------------------
+
+EMBEDDED_TEST_PER_CLASS = 100  # 10 x 100 = 1,000 test digits; the other 9,000 are for training
+
+
+def _embedded_test_mask(images, labels):
+    """Boolean mask of the embedded digits held out for testing: the same 100 digits of each class, forever.
+
+    Within each class, every image is ranked by the sha256 of its 784 pixel
+    bytes and the 100 lowest are held out. A hash is used rather than a seeded
+    random permutation because NumPy does not promise that a seeded generator
+    gives the same numbers in every version; the hash ranking depends only on
+    the pixels, so the split cannot drift.
+    """
+    hashes = np.array([hashlib.sha256(image.tobytes()).hexdigest() for image in images])
+    mask = np.zeros(len(images), dtype=bool)
+    for digit in range(NUM_CLASSES):
+        members = np.flatnonzero(labels == digit)
+        # Stable sort: equal hashes (duplicate images) keep file order.
+        ranked = members[np.argsort(hashes[members], kind="stable")]
+        mask[ranked[:EMBEDDED_TEST_PER_CLASS]] = True
+    return mask
+
+
+def load_embedded_mnist(split="train"):
+    """The MNIST digits that ship with the package: ``(images, labels)``.
+
+    ``split="train"`` gives 9,000 digits and ``split="test"`` the 1,000 others
+    (100 per class, held out of training). Images are (N, 28, 28) uint8 in
+    0..255, labels (N,) uint8 in 0..9, in the order of the file (grouped by
+    class; ``batches`` shuffles).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    resource = importlib.resources.files("diffusion") / "data" / "mnist_embedded.npz"
+    with resource.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+        images, labels = npz["images"], npz["labels"]
+    test = _embedded_test_mask(images, labels)
+    keep = test if split == "test" else ~test
+    return images[keep], labels[keep]
+
+
+# ---------------------------------------------------------------------------
+# Full MNIST and Fashion-MNIST: download, verify, cache
+# ---------------------------------------------------------------------------
+
+# Both datasets come as four gzipped IDX files with the same names.
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+# Public mirrors, tried in order. (yann.lecun.com, the original home of MNIST,
+# has at times refused downloads, so it is left out.)
+MIRRORS = {
+    "mnist": (
+        "https://ossci-datasets.s3.amazonaws.com/mnist",
+        "https://storage.googleapis.com/cvdf-datasets/mnist",
+    ),
+    "fashion-mnist": (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",  # Zalando's own bucket (HTTP only)
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion",
+    ),
+}
+
+# sha256 of the official gz files. Every download is checked against these, so
+# a plain-HTTP mirror is as safe as an HTTPS one. Provenance: the values were
+# written down from memory and then checked against published code that
+# verifies the same files (torchvision's prototype dataset loader,
+# torchvision/prototype/datasets/_builtin/mnist.py, and several independent
+# projects, all agreeing). They were not recomputed from the files themselves:
+# the machine this was written on could not reach the mirrors.
+SHA256 = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+        "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+        "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+        "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    },
+}
+
+DOWNLOAD_TIMEOUT_S = 60
+
+
+def data_dir():
+    """The cache folder for downloads: ``$DIFFUSION_DATA_DIR`` if set, else ``~/.cache/diffusion-jax``."""
+    return Path(os.environ.get("DIFFUSION_DATA_DIR") or Path.home() / ".cache" / "diffusion-jax").expanduser()
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch_verified(url, target, sha256):
+    """Download ``url`` to ``target`` only if its sha256 matches; otherwise leave ``target`` untouched.
+
+    The bytes go to a temporary file next to ``target`` and are hashed on the
+    way. Only a verified file is renamed into place (``os.replace`` is atomic),
+    so ``target`` is either absent or complete and correct, never half written.
+    On any failure, Ctrl-C included, the temporary file is deleted.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise DataError(
+                f"wrong sha256 (corrupted or not the official file): expected {sha256}, got {digest.hexdigest()}"
+            )
+        os.replace(tmp_name, target)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+
+
+def download_dataset(name, cache_dir=None, base_url=None):
+    """Make sure the four IDX files of ``name`` are in the cache; return the folder holding them.
+
+    ``name`` is ``"mnist"`` or ``"fashion-mnist"``. Files go to
+    ``<cache_dir>/<name>/`` (``cache_dir`` defaults to ``data_dir()``). A file
+    already there is kept if its sha256 is right and downloaded again if not.
+    Each file is fetched from the mirrors in ``MIRRORS[name]`` in turn, or from
+    ``base_url`` alone when given (any URL urllib opens, ``file://`` included),
+    and checked against ``SHA256[name]``.
+
+    Raises ``DataError`` if a file cannot be fetched and verified from any
+    mirror; the message lists each attempt and what to do instead.
+    """
+    if name not in SHA256:
+        raise ValueError(f"no download for dataset {name!r}; downloadable datasets: {', '.join(SHA256)}")
+    folder = Path(cache_dir if cache_dir is not None else data_dir()).expanduser() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    base_urls = (base_url,) if base_url is not None else MIRRORS[name]
+    for filename, sha256 in SHA256[name].items():
+        target = folder / filename
+        if target.exists() and _file_sha256(target) == sha256:
+            continue
+        failures = []
+        for base in base_urls:
+            url = f"{base.rstrip('/')}/{filename}"
+            try:
+                _fetch_verified(url, target, sha256)
+                break
+            except (OSError, http.client.HTTPException, DataError) as err:
+                # OSError covers urllib's URLError and HTTPError, timeouts and refused connections.
+                failures.append(f"  {url}: {err}")
+        else:
+            raise DataError(
+                f"could not download {filename} of {name}:\n"
+                + "\n".join(failures)
+                + f"\nIf this machine has no network, train on the embedded digits instead "
+                f"(--dataset mnist-embedded), or fetch the four files "
+                f"({', '.join(SHA256[name])}) elsewhere and copy them into {folder}; "
+                f"they are checked against known sha256 sums."
+            )
+    return folder
+
+
+# IDX type codes (third byte of the magic number) and the big-endian dtypes they stand for.
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path):
+    """Read an IDX file (the MNIST file format), gzipped or not, into a NumPy array.
+
+    Layout: a 4-byte magic number ``0x00 0x00 <type code> <ndim>``, then
+    ``ndim`` big-endian uint32 sizes, then the values, big-endian, row-major.
+    A file that does not follow it (bad magic, unknown type, wrong length)
+    raises ``DataError``.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":  # the gzip magic number
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; a truncated gzip raises EOFError
+        raise DataError(f"cannot read {path}: {err}") from err
+
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES or raw[3] == 0:
+        raise DataError(f"{path} is not an IDX file: bad magic number {raw[:4].hex()!r}")
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    ndim = raw[3]
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise DataError(f"{path}: IDX header truncated ({len(raw)} bytes, need {header_size})")
+    shape = tuple(int(size) for size in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header_size + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path}: IDX dimensions {shape} need {expected} bytes, the file has {len(raw)}")
+    values = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
+    return values.astype(dtype.newbyteorder("="))  # native byte order, and a writable copy
+
+
+def _read_image_classification(folder, split):
+    """Read and sanity-check the (images, labels) IDX pair of one split."""
+    images_file, labels_file = IDX_FILES[split]
+    images, labels = read_idx(folder / images_file), read_idx(folder / labels_file)
+    if images.dtype != np.uint8 or images.ndim != 3 or labels.dtype != np.uint8 or labels.ndim != 1:
+        raise DataError(
+            f"{folder}: expected uint8 images (N, H, W) and labels (N,), "
+            f"got {images.dtype} {images.shape} and {labels.dtype} {labels.shape}"
+        )
+    if len(images) != len(labels):
+        raise DataError(f"{folder}: {len(images)} images but {len(labels)} labels in the {split} split")
+    if labels.max(initial=0) >= NUM_CLASSES:
+        raise DataError(f"{folder}: {labels_file} has labels outside 0..9")
+    return images, labels
+
+
+def load_dataset(name="mnist-embedded", split="train", cache_dir=None):
+    """``(images, labels)`` of one split of a dataset: (N, 28, 28) uint8 0..255 and (N,) uint8 0..9.
+
+    ``name`` is one of ``DATASET_NAMES`` and ``split`` is ``"train"`` or
+    ``"test"``. ``mnist`` and ``fashion-mnist`` are downloaded into
+    ``cache_dir`` (see ``download_dataset``) the first time.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if name == "mnist-embedded":
+        return load_embedded_mnist(split)
+    return _read_image_classification(download_dataset(name, cache_dir), split)
+
+
+# ---------------------------------------------------------------------------
+# Pixels <-> model range
+# ---------------------------------------------------------------------------
+
+
+def to_model_range(images):
+    """uint8 pixels (..., H, W) in 0..255 -> float32 (..., H, W, 1) in [-1, 1].
+
+    0 maps to -1 and 255 to +1. The diffusion model adds unit-variance
+    Gaussian noise, so data centred on 0 with a range of about +-1 is on the
+    same scale as the noise. The trailing channel axis is the NHWC layout that
+    JAX convolutions use.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"to_model_range expects uint8 pixels, got {images.dtype}")
+    return (images.astype(np.float32) / 127.5 - 1.0)[..., np.newaxis]
+
+
+def from_model_range(x):
+    """float (..., H, W, 1) in [-1, 1] -> uint8 pixels (..., H, W), the inverse of ``to_model_range``.
+
+    Values outside [-1, 1] (a sampler can overshoot) are clipped, then
+    rounded to the nearest pixel value.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1:] != (1,):
+        raise ValueError(f"from_model_range expects a trailing channel axis of size 1, got shape {x.shape}")
+    pixels = np.rint((np.clip(x[..., 0], -1.0, 1.0) + 1.0) * 127.5)
+    return pixels.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# Minibatches
+# ---------------------------------------------------------------------------
+
+
+def batches(images, labels, batch_size, seed, start_step=0):
+    """Yield shuffled ``(x, y)`` minibatches forever, starting at step ``start_step``.
+
+    Each epoch visits the examples in a fresh random order, the permutation
+    drawn from a generator seeded with ``(seed, epoch)``; the last
+    ``len(images) % batch_size`` examples of each order are dropped so every
+    batch has ``batch_size`` examples. Step ``s`` is batch ``s % steps_per_epoch``
+    of epoch ``s // steps_per_epoch``, which depends on nothing else, so
+    ``batches(..., start_step=k)`` yields exactly what ``batches(...)`` yields
+    after skipping k batches: a restarted training run sees the same data.
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if batch_size < 1 or start_step < 0:
+        raise ValueError(f"need batch_size >= 1 and start_step >= 0, got {batch_size} and {start_step}")
+    steps_per_epoch = len(images) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({len(images)} examples)")
+
+    epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(len(images))
+        for step in range(step_in_epoch, steps_per_epoch):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            yield images[idx], labels[idx]
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------
+# 2-D toy distributions
+# ---------------------------------------------------------------------------
+
+
+def _two_moons(rng, n):
+    """Two interleaved half circles of radius 1, with Gaussian noise of std 0.1, centred and scaled."""
+    angle = rng.uniform(0.0, np.pi, n)
+    upper = rng.random(n) < 0.5
+    x = np.where(upper, np.cos(angle), 1.0 - np.cos(angle))
+    y = np.where(upper, np.sin(angle), 0.5 - np.sin(angle))
+    points = np.stack([x, y], axis=1) + 0.1 * rng.standard_normal((n, 2))
+    return (points - [0.5, 0.25]) * 1.4  # per-axis std about (1.2, 0.7)
+
+
+def _swiss_roll(rng, n):
+    """A 2-D Swiss roll: the spiral t (cos t, sin t) for t in [1.5 pi, 4.5 pi], plus a little noise."""
+    t = 1.5 * np.pi * (1.0 + 2.0 * rng.random(n))
+    points = np.stack([t * np.cos(t), t * np.sin(t)], axis=1) / 7.0  # per-axis std about 1
+    return points + 0.05 * rng.standard_normal((n, 2))
+
+
+def _eight_gaussians(rng, n):
+    """Eight Gaussians (std 0.1) centred on a circle of radius sqrt(2): per-axis variance 2/2 + 0.01 ~ 1."""
+    angle = 2.0 * np.pi * rng.integers(0, 8, n) / 8.0
+    centres = np.sqrt(2.0) * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    return centres + 0.1 * rng.standard_normal((n, 2))
+
+
+def _checkerboard(rng, n):
+    """Uniform on the 8 dark squares of a 4 x 4 checkerboard, scaled so each coordinate has std exactly 1.
+
+    Squares have side 1 and cover [-2, 2]^2; square (i, j) is dark when i + j
+    is even. Every row and column has two dark squares, so each coordinate is
+    uniform on [-2, 2] (variance 4/3); multiplying by sqrt(3)/2 makes it 1.
+    """
+    row = rng.integers(0, 4, n)
+    col = 2 * rng.integers(0, 2, n) + row % 2  # the two columns of that row whose square is dark
+    corner = np.stack([col, row], axis=1) - 2.0
+    return (corner + rng.random((n, 2))) * (np.sqrt(3.0) / 2.0)
+
+
+_TOYS = {
+    "two_moons": _two_moons,
+    "swiss_roll": _swiss_roll,
+    "eight_gaussians": _eight_gaussians,
+    "checkerboard": _checkerboard,
+}
+TOY_NAMES = tuple(_TOYS)
+
+
+def sample_toy(name, seed, n):
+    """``n`` points from the 2-D toy distribution ``name``, as a float32 array of shape (n, 2).
+
+    ``name`` is one of ``TOY_NAMES``; each is roughly centred with roughly unit
+    standard deviation per coordinate. Same ``seed``, same points.
+    """
+    if name not in _TOYS:
+        raise ValueError(f"unknown toy distribution {name!r}; valid names: {', '.join(TOY_NAMES)}")
+    return _TOYS[name](np.random.default_rng(seed), n).astype(np.float32)

@@ -1,0 +1,391 @@
+"""Tests for diffusion.data. No network: downloads are served from tmp_path (file:// or 127.0.0.1)."""
+
+import functools
+import gzip
+import hashlib
+import importlib.resources
+import http.server
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from diffusion import data
+
+# sha256 of the embedded test split (images then labels, in the order returned).
+# If this changes, the train / test split of the embedded digits has moved.
+EMBEDDED_TEST_SPLIT_SHA256 = "60244abb3faf60cedcd112b953e68ed224297e09fb3494badf4ef1d3d0093ca9"
+
+
+# ---------------------------------------------------------------------------
+# Embedded digits
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return {split: data.load_embedded_mnist(split) for split in data.SPLITS}
+
+
+def test_embedded_shapes_dtypes_and_ranges(embedded):
+    for split, n in [("train", 9000), ("test", 1000)]:
+        images, labels = embedded[split]
+        assert images.shape == (n, 28, 28) and images.dtype == np.uint8
+        assert labels.shape == (n,) and labels.dtype == np.uint8
+        assert images.min() == 0 and images.max() == 255
+        assert set(np.unique(labels)) == set(range(10))
+    counts = np.bincount(np.concatenate([embedded["train"][1], embedded["test"][1]]), minlength=10)
+    assert counts.sum() == 10_000 and counts.min() > 800 and counts.max() < 1200
+    assert np.bincount(embedded["test"][1], minlength=10).tolist() == [100] * 10
+
+
+def test_embedded_split_is_disjoint_and_covers_the_file(embedded):
+    def as_set(images, labels):
+        return {(image.tobytes(), int(label)) for image, label in zip(images, labels)}
+
+    train, test = as_set(*embedded["train"]), as_set(*embedded["test"])
+    assert len(train) == 9000 and len(test) == 1000  # no duplicates inside a split
+    assert not train & test
+    with np.load(importlib.resources.files("diffusion") / "data" / "mnist_embedded.npz") as npz:
+        assert train | test == as_set(npz["images"], npz["labels"])
+
+
+def test_embedded_split_is_deterministic_and_pinned(embedded):
+    images, labels = data.load_embedded_mnist("test")
+    np.testing.assert_array_equal(images, embedded["test"][0])
+    np.testing.assert_array_equal(labels, embedded["test"][1])
+    assert hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest() == EMBEDDED_TEST_SPLIT_SHA256
+
+
+def test_load_dataset_defaults_to_embedded_train(embedded):
+    images, labels = data.load_dataset()
+    np.testing.assert_array_equal(images, embedded["train"][0])
+    np.testing.assert_array_equal(labels, embedded["train"][1])
+
+
+def test_unknown_dataset_and_split_list_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        data.load_dataset("cifar10")
+    for name in ("mnist-embedded", "mnist", "fashion-mnist"):
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="train, test"):
+        data.load_dataset("mnist-embedded", "validation")
+    with pytest.raises(ValueError, match="train, test"):
+        data.load_embedded_mnist("heldout")
+    with pytest.raises(ValueError, match="mnist, fashion-mnist"):
+        data.download_dataset("mnist-embedded")
+
+
+# ---------------------------------------------------------------------------
+# Pixels <-> model range
+# ---------------------------------------------------------------------------
+
+
+def test_model_range_round_trip_and_bounds():
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    x = data.to_model_range(pixels)
+    assert x.dtype == np.float32 and x.shape == (1, 16, 16, 1)
+    assert x.min() == -1.0 and x.max() == 1.0
+    np.testing.assert_allclose(x[..., 0], pixels / 127.5 - 1.0, atol=1e-6)
+    back = data.from_model_range(x)
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, pixels)
+
+
+def test_from_model_range_clips_and_rounds():
+    x = np.array([-3.0, -1.0, 0.0, 0.999, 1.0, 7.0], dtype=np.float32).reshape(1, 1, 6, 1)
+    np.testing.assert_array_equal(data.from_model_range(x).ravel(), [0, 0, 128, 255, 255, 255])
+
+
+def test_model_range_rejects_wrong_inputs():
+    with pytest.raises(TypeError):
+        data.to_model_range(np.zeros((2, 28, 28), dtype=np.float32))  # already converted
+    with pytest.raises(ValueError):
+        data.from_model_range(np.zeros((2, 28, 28), dtype=np.float32))  # no channel axis
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def toy_dataset(n=10):
+    images = np.arange(n, dtype=np.int64)[:, None] * np.ones((1, 3), dtype=np.int64)
+    return images, np.arange(n)  # label i belongs to the image filled with i
+
+
+def test_batches_shapes_and_pairing():
+    images, labels = toy_dataset()
+    for x, y in take(data.batches(images, labels, batch_size=3, seed=0), 7):
+        assert x.shape == (3, 3) and y.shape == (3,)
+        np.testing.assert_array_equal(x[:, 0], y)  # images and labels stay paired
+
+
+def test_batches_each_epoch_is_a_permutation_without_the_remainder():
+    images, labels = toy_dataset(10)  # batch 3 -> 3 steps per epoch, 1 example dropped per epoch
+    ys = [y for _, y in take(data.batches(images, labels, batch_size=3, seed=0), 9)]
+    epochs = [np.concatenate(ys[i : i + 3]) for i in (0, 3, 6)]
+    for epoch in epochs:
+        assert len(set(epoch.tolist())) == 9  # nine distinct examples, none repeated
+    assert not all(np.array_equal(epochs[0], e) for e in epochs[1:])  # reshuffled per epoch
+
+
+def test_batches_same_seed_same_batches_other_seed_other_batches():
+    images, labels = toy_dataset(100)
+    a = take(data.batches(images, labels, batch_size=8, seed=1), 30)
+    b = take(data.batches(images, labels, batch_size=8, seed=1), 30)
+    c = take(data.batches(images, labels, batch_size=8, seed=2), 30)
+    assert all(np.array_equal(ya, yb) for (_, ya), (_, yb) in zip(a, b))
+    assert not all(np.array_equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
+
+
+@pytest.mark.parametrize("start_step", [0, 1, 2, 3, 4, 7, 12])
+def test_batches_resume_exactly(start_step):
+    images, labels = toy_dataset(10)  # 3 steps per epoch, so these cross epoch boundaries
+    full = take(data.batches(images, labels, batch_size=3, seed=5), start_step + 6)
+    resumed = take(data.batches(images, labels, batch_size=3, seed=5, start_step=start_step), 6)
+    for (xf, yf), (xr, yr) in zip(full[start_step:], resumed):
+        np.testing.assert_array_equal(xf, xr)
+        np.testing.assert_array_equal(yf, yr)
+
+
+def test_batches_rejects_bad_arguments():
+    images, labels = toy_dataset(10)
+    with pytest.raises(ValueError):
+        next(data.batches(images, labels, batch_size=11, seed=0))
+    with pytest.raises(ValueError):
+        next(data.batches(images, labels[:5], batch_size=2, seed=0))
+
+
+# ---------------------------------------------------------------------------
+# 2-D toys
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["two_moons", "swiss_roll", "eight_gaussians", "checkerboard"])
+def test_toy_shape_determinism_and_scale(name):
+    x = data.sample_toy(name, 0, 20_000)
+    assert x.shape == (20_000, 2) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, data.sample_toy(name, 0, 20_000))
+    assert not np.array_equal(x, data.sample_toy(name, 1, 20_000))
+    assert np.all(np.abs(x.mean(axis=0)) < 0.5)
+    assert np.all((x.std(axis=0) > 0.5) & (x.std(axis=0) < 1.5))
+
+
+def test_toy_shapes_are_what_they_claim():
+    # checkerboard: every point on a dark square (row + column even) of the 4 x 4 board.
+    board = data.sample_toy("checkerboard", 0, 5000) / (np.sqrt(3.0) / 2.0) + 2.0
+    assert np.all((board >= 0) & (board <= 4))
+    assert np.all(np.floor(board).astype(int).sum(axis=1) % 2 == 0)
+    # eight Gaussians: every point close to one of 8 centres, and all 8 used.
+    points = data.sample_toy("eight_gaussians", 0, 5000)
+    angles = 2 * np.pi * np.arange(8) / 8
+    centres = np.sqrt(2.0) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    distances = np.linalg.norm(points[:, None, :] - centres[None], axis=-1)
+    assert distances.min(axis=1).max() < 0.6
+    assert len(np.unique(distances.argmin(axis=1))) == 8
+
+
+def test_unknown_toy_lists_the_valid_names():
+    with pytest.raises(ValueError) as err:
+        data.sample_toy("spiral", 0, 10)
+    for name in data.TOY_NAMES:
+        assert name in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------
+
+
+def idx_bytes(array):
+    """Encode ``array`` (uint8 or int32) in the IDX format."""
+    type_code = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}[array.dtype]
+    header = bytes([0, 0, type_code, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def test_read_idx_gzipped_and_plain(tmp_path):
+    array = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
+    (tmp_path / "a.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    (tmp_path / "a").write_bytes(idx_bytes(array))
+    for name in ("a.gz", "a"):
+        result = data.read_idx(tmp_path / name)
+        assert result.dtype == np.uint8
+        np.testing.assert_array_equal(result, array)
+
+
+def test_read_idx_multibyte_big_endian(tmp_path):
+    array = np.array([[-70000, 1], [258, 2**31 - 1]], dtype=np.int32)
+    (tmp_path / "b.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "b.gz"), array)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (gzip.compress(b"\x00\x01\x08\x01" + b"\x00\x00\x00\x02" + b"ab"), "magic"),  # second byte not 0
+        (gzip.compress(b"\x00\x00\x07\x01" + b"\x00\x00\x00\x02" + b"ab"), "magic"),  # unknown type code
+        (gzip.compress(b"\x00\x00\x08\x03" + b"\x00\x00\x00\x02"), "truncated"),  # sizes missing
+        (gzip.compress(b"\x00\x00\x08\x02" + b"\x00\x00\x00\x02\x00\x00\x00\x03" + b"abcde"), "need"),  # 5 of 6 values
+        (gzip.compress(b"\x00\x00\x08\x02" + b"\x00\x00\x00\x02\x00\x00\x00\x03" + b"abcdefg"), "need"),  # 7, not 6
+        (gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x02abc")[:-6], "cannot read"),  # truncated gzip
+        (b"\x1f\x8b" + b"not really gzip", "cannot read"),
+    ],
+)
+def test_read_idx_rejects_malformed_files(tmp_path, content, message):
+    path = tmp_path / "bad.gz"
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+        data.read_idx(path)
+
+
+# ---------------------------------------------------------------------------
+# Downloads (offline: file:// and a local HTTP server)
+# ---------------------------------------------------------------------------
+
+
+def files_under(folder):
+    """Every file below ``folder``, hidden temporary files included."""
+    return sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, files in os.walk(folder) for f in files)
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A folder holding four small MNIST-like gz IDX files; SHA256["mnist"] patched to their hashes.
+
+    Also points MIRRORS["mnist"] at a closed port, so a test that forgets
+    base_url fails instead of reaching the real internet.
+    """
+    folder = tmp_path / "served"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in [("train", 6), ("test", 4)]:
+        images_file, labels_file = data.IDX_FILES[split]
+        arrays[split] = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8))
+        (folder / images_file).write_bytes(gzip.compress(idx_bytes(arrays[split][0])))
+        (folder / labels_file).write_bytes(gzip.compress(idx_bytes(arrays[split][1])))
+    hashes = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in data.SHA256["mnist"]}
+    monkeypatch.setitem(data.SHA256, "mnist", hashes)
+    monkeypatch.setitem(data.MIRRORS, "mnist", (f"http://127.0.0.1:{closed_port()}",))
+    return folder, arrays
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_url(served):
+    folder, _ = served
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_from_file_url_then_load_offline(tmp_path, served):
+    folder, arrays = served
+    cache = tmp_path / "cache"
+    result = data.download_dataset("mnist", cache_dir=cache, base_url=folder.as_uri())
+    assert result == cache / "mnist"
+    assert files_under(cache) == sorted(os.path.join("mnist", f) for f in data.SHA256["mnist"])  # no temp files left
+    for f in data.SHA256["mnist"]:
+        assert (result / f).read_bytes() == (folder / f).read_bytes()
+    # The cache is complete, so loading needs no network (the mirrors point at a closed port).
+    for split in data.SPLITS:
+        images, labels = data.load_dataset("mnist", split, cache_dir=cache)
+        np.testing.assert_array_equal(images, arrays[split][0])
+        np.testing.assert_array_equal(labels, arrays[split][1])
+
+
+def test_download_over_http(tmp_path, served, http_url):
+    folder, _ = served
+    cache = tmp_path / "cache"
+    data.download_dataset("mnist", cache_dir=cache, base_url=http_url)
+    for f in data.SHA256["mnist"]:
+        assert (cache / "mnist" / f).read_bytes() == (folder / f).read_bytes()
+
+
+def test_download_uses_the_data_dir_environment_variable(tmp_path, served, monkeypatch):
+    folder, _ = served
+    monkeypatch.setenv("DIFFUSION_DATA_DIR", str(tmp_path / "from-env"))
+    assert data.data_dir() == tmp_path / "from-env"
+    data.download_dataset("mnist", base_url=folder.as_uri())
+    assert len(files_under(tmp_path / "from-env" / "mnist")) == 4
+
+
+def test_default_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFUSION_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.data_dir() == tmp_path / ".cache" / "diffusion-jax"
+
+
+@pytest.mark.parametrize("transport", ["file", "http"])
+def test_corrupted_download_fails_and_leaves_nothing(tmp_path, served, request, transport):
+    folder, _ = served
+    first = next(iter(data.SHA256["mnist"]))  # the first file downloaded
+    (folder / first).write_bytes(b"these are not the bytes you are looking for")
+    base_url = folder.as_uri() if transport == "file" else request.getfixturevalue("http_url")
+    cache = tmp_path / "cache"
+    with pytest.raises(data.DataError) as err:
+        data.download_dataset("mnist", cache_dir=cache, base_url=base_url)
+    assert "sha256" in str(err.value) and first in str(err.value)
+    assert files_under(cache) == []  # neither the bad file nor its temporary file
+
+
+def test_bad_cached_file_is_downloaded_again(tmp_path, served):
+    folder, _ = served
+    cache = tmp_path / "cache"
+    first = next(iter(data.SHA256["mnist"]))
+    (cache / "mnist").mkdir(parents=True)
+    (cache / "mnist" / first).write_bytes(b"half a download")
+    data.download_dataset("mnist", cache_dir=cache, base_url=folder.as_uri())
+    assert (cache / "mnist" / first).read_bytes() == (folder / first).read_bytes()
+
+
+def test_unreachable_server_gives_a_clear_error(tmp_path, served):
+    cache = tmp_path / "cache"
+    with pytest.raises(data.DataError) as err:
+        data.download_dataset("mnist", cache_dir=cache)  # MIRRORS["mnist"] is a closed port (see `served`)
+    message = str(err.value)
+    assert "could not download train-images-idx3-ubyte.gz" in message
+    assert "--dataset mnist-embedded" in message and str(cache / "mnist") in message
+    assert files_under(cache) == []
+
+
+def test_missing_file_on_server_gives_a_clear_error(tmp_path, served, http_url):
+    folder, _ = served
+    (folder / "train-images-idx3-ubyte.gz").unlink()  # the server answers 404
+    with pytest.raises(data.DataError, match="404"):
+        data.download_dataset("mnist", cache_dir=tmp_path / "cache", base_url=http_url)
+    assert files_under(tmp_path / "cache") == []
+
+
+def test_load_dataset_rejects_inconsistent_files(tmp_path, served):
+    folder, _ = served
+    cache = tmp_path / "cache"
+    data.download_dataset("mnist", cache_dir=cache, base_url=folder.as_uri())
+    labels_file = data.IDX_FILES["test"][1]
+    bad_labels = gzip.compress(idx_bytes(np.array([1, 2, 3, 12], dtype=np.uint8)))  # 12 is not a digit
+    (cache / "mnist" / labels_file).write_bytes(bad_labels)
+    # data.SHA256["mnist"] is the dict `served` patched in, so this edit ends with the test.
+    data.SHA256["mnist"][labels_file] = hashlib.sha256(bad_labels).hexdigest()
+    with pytest.raises(data.DataError, match="labels outside 0..9"):
+        data.load_dataset("mnist", "test", cache_dir=cache)
