@@ -6,4 +6,7 @@ One idea per module:
 - ``forward``    the forward process q(x_t | x_0) and conversions between parameterizations
 - ``mixture``    Gaussian mixtures and their exact (closed-form) denoiser
 - ``data``       the embedded MNIST digits, full MNIST / Fashion-MNIST downloads, 2-D toys
+- ``classifier`` a small digit classifier, the judge behind the quality metrics
+- ``metrics``    classifier accuracy and FID, precision / recall, sliced Wasserstein, mode weights
+- ``plotting``   image grids for notebooks and scripts
 """

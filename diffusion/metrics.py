@@ -409,8 +409,8 @@ def mode_weights(x, mixture: GaussianMixture) -> np.ndarray:
     them back up to sampling noise, about sqrt(w (1 - w) / N).
     """
     x = _check_mixture_points(x, mixture)
-    log_densities, _ = mixture_lib._component_log_densities(mixture, jnp.asarray(x, jnp.float32), 1.0, 0.0)
-    component = np.argmax(np.log(np.asarray(mixture.weights)) + np.asarray(log_densities), axis=1)
+    posterior = mixture_lib.component_posterior(mixture, jnp.asarray(x, jnp.float32))
+    component = np.argmax(np.asarray(posterior), axis=1)
     return np.bincount(component, minlength=len(mixture.weights)) / len(x)
 
 

@@ -113,28 +113,37 @@ def _log_weights(mixture: GaussianMixture, cond):
     return jnp.where(keep, log_w, -jnp.inf)
 
 
+def _noised_variances(mixture: GaussianMixture, signal_scale, noise_scale):
+    """a^2 std_k^2 + s^2, each component's variance after noising: shape (B or 1, K)."""
+    return jnp.reshape(signal_scale, (-1, 1)) ** 2 * mixture.stds**2 + jnp.reshape(noise_scale, (-1, 1)) ** 2
+
+
 def _component_log_densities(mixture: GaussianMixture, x, signal_scale, noise_scale):
-    """log N(x; a mu_k, (a^2 std_k^2 + s^2) I) for every component: shape (B, K), and the variances."""
+    """log N(x; a mu_k, (a^2 std_k^2 + s^2) I) for every component: shape (B, K)."""
     a = jnp.reshape(signal_scale, (-1, 1))
-    s = jnp.reshape(noise_scale, (-1, 1))
-    variance = a**2 * mixture.stds**2 + s**2  # (B or 1, K)
+    variance = _noised_variances(mixture, signal_scale, noise_scale)
     sq_dist = jnp.sum((x[:, None, :] - a[..., None] * mixture.means) ** 2, axis=-1)  # (B, K)
     log_norm = -0.5 * mixture.dim * jnp.log(2 * math.pi * variance)
-    return log_norm - 0.5 * sq_dist / variance, variance
+    return log_norm - 0.5 * sq_dist / variance
 
 
 def log_density(mixture: GaussianMixture, x, signal_scale=1.0, noise_scale=0.0, cond=None):
     """log p(x_t) of the noised mixture at x (shape (B, D)); scales are scalars or (B,)."""
-    log_comp, _ = _component_log_densities(mixture, x, signal_scale, noise_scale)
+    log_comp = _component_log_densities(mixture, x, signal_scale, noise_scale)
     return jax.nn.logsumexp(_log_weights(mixture, cond) + log_comp, axis=-1)
+
+
+def component_posterior(mixture: GaussianMixture, x, signal_scale=1.0, noise_scale=0.0, cond=None):
+    """r_k(x_t): the posterior probability that x_t (shape (B, D)) came from component k, shape (B, K)."""
+    log_comp = _component_log_densities(mixture, x, signal_scale, noise_scale)
+    return jax.nn.softmax(_log_weights(mixture, cond) + log_comp, axis=-1)
 
 
 def posterior_mean(mixture: GaussianMixture, x, signal_scale, noise_scale, cond=None):
     """E[x_0 | x_t = x]: the optimal denoiser, in closed form (see the module docstring)."""
-    log_comp, variance = _component_log_densities(mixture, x, signal_scale, noise_scale)
-    responsibility = jax.nn.softmax(_log_weights(mixture, cond) + log_comp, axis=-1)  # (B, K)
+    responsibility = component_posterior(mixture, x, signal_scale, noise_scale, cond)  # (B, K)
     a = jnp.reshape(signal_scale, (-1, 1, 1))
-    gain = (a[..., 0] * mixture.stds**2 / variance)[..., None]  # (B, K, 1)
+    gain = (a[..., 0] * mixture.stds**2 / _noised_variances(mixture, signal_scale, noise_scale))[..., None]  # (B, K, 1)
     x0_given_k = mixture.means + gain * (x[:, None, :] - a * mixture.means)  # (B, K, D)
     return jnp.sum(responsibility[..., None] * x0_given_k, axis=1)
 
