@@ -5,6 +5,9 @@ One idea per module:
 - ``schedules``  noise schedules (beta, alpha_bar, sigma, SNR) and timestep spacing
 - ``forward``    the forward process q(x_t | x_0) and conversions between parameterizations
 - ``mixture``    Gaussian mixtures and their exact (closed-form) denoiser
+- ``samplers``   the reverse process: DDPM, DDIM, PLMS, Euler (ancestral), Heun, DPM++ 2M, flow Euler / Heun
+- ``guidance``   classifier-free guidance, negative conditions, guidance rescale
+- ``editing``    img2img (SDEdit strength), inpainting (with RePaint), DDIM inversion
 - ``data``       the embedded MNIST digits, full MNIST / Fashion-MNIST downloads, 2-D toys
 - ``classifier`` a small digit classifier, the judge behind the quality metrics
 - ``metrics``    classifier accuracy and FID, precision / recall, sliced Wasserstein, mode weights

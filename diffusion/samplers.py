@@ -1,0 +1,757 @@
+"""The reverse process: turning noise into data, with the samplers users meet in image tools.
+
+A sampler walks a trained denoiser down a grid of N noise levels, from pure
+noise (frame 0) to data (frame N). Every sampler here is one short ``*_step``
+function -- read it beside the paper it names -- and they all share one driver,
+``sample``, that validates the settings on the host, then runs the steps as one
+compiled XLA program (``lax.scan``), or, for debugging, the same step function
+in a Python loop.
+
+The ten samplers of the registry ``SAMPLERS`` fall into three families, by the
+variable they step in:
+
+- ``vp`` (``ddpm``, ``ddim``, ``plms``): the DDPM sample x_t = sqrt(alpha_bar) x_0
+  + sqrt(1 - alpha_bar) eps itself, on the integer training timesteps.
+- ``sigma`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2m_karras``):
+  Karras et al.'s x = x_t / sqrt(alpha_bar) = x_0 + sigma eps, where the
+  probability-flow ODE is simply dx/dsigma = (x - x0_hat) / sigma; the network
+  is called at the fractional timestep of each sigma.
+- ``flow`` (``flow_euler``, ``flow_heun``): the rectified-flow path x_t = (1 - t)
+  x_0 + t eps, whose ODE dx/dt = v has the very same form (v = (x - x0_hat) / t),
+  so it reuses the sigma-space Euler and Heun steps with sigma = t.
+
+A denoiser is any JAX-traceable ``(x, t, cond) -> prediction`` (t of shape (B,),
+float), in a parameterization declared by the caller (eps, x0, v, score, or
+velocity for flows); ``diffusion.forward`` converts predictions. Grids follow
+the widely used implementations (see docs/samplers.md for every convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from diffusion import forward
+from diffusion.schedules import Schedule, flow_timesteps, karras_sigmas, sigma_at, timestep_at, timesteps
+
+# --- Grids: where the steps go, computed on the host --------------------------------
+
+
+class VPGrid(NamedTuple):
+    """The grid of a DDPM-space sampler: N steps between N + 1 frames.
+
+    ``timesteps[i]`` is the network's timestep at step i; ``alpha_bar[k]`` is the
+    signal share of frame k, ending at 1 (clean data), the "set alpha to one"
+    final step of the common DDIM implementations.
+    """
+
+    timesteps: Any  # (N,)
+    alpha_bar: Any  # (N + 1,)
+
+
+class SigmaGrid(NamedTuple):
+    """The grid of a sigma-space or flow sampler: N steps between N + 1 frames.
+
+    ``sigmas[k]`` is the noise level of frame k, ending at 0: Karras et al.'s
+    sigma for diffusion, the time t of x_t = (1 - t) x_0 + t eps for flows (the
+    "sigmas" of SD3). ``timesteps[i]`` is what the network is given at step i.
+    """
+
+    timesteps: Any  # (N,)
+    sigmas: Any  # (N + 1,)
+
+
+def vp_grid(schedule: Schedule, steps: int, spacing: str = "leading", offset: int = 0) -> VPGrid:
+    """Integer timesteps of ``diffusion.schedules.timesteps``, then one last step to alpha_bar = 1."""
+    t = timesteps(schedule, steps, spacing, offset)
+    return VPGrid(t.astype(np.float64), np.append(schedule.alpha_bar[t], 1.0))
+
+
+def sigma_grid(schedule: Schedule, steps: int, spacing: str = "linspace", offset: int = 0) -> SigmaGrid:
+    """Sigmas for a sigma-space sampler, then a final 0 (k-diffusion's ``get_sigmas``).
+
+    ``linspace`` takes sigma at N fractional timesteps evenly spaced from T - 1
+    down to 0 (not rounded); ``leading`` / ``trailing`` take the integer
+    timesteps of those spacings; ``karras`` is Karras et al. 2022, eq. 5 between
+    the schedule's smallest and largest sigma. Sigma is interpolated in log
+    space (``sigma_at``), so a zero-terminal-SNR schedule ends at a large but
+    finite sigma.
+    """
+    T = schedule.num_timesteps
+    if spacing == "karras":
+        sigmas = karras_sigmas(steps, float(sigma_at(schedule, 0.0)), float(sigma_at(schedule, T - 1.0)))
+    else:
+        t = np.linspace(T - 1, 0, steps) if spacing == "linspace" else timesteps(schedule, steps, spacing, offset)
+        sigmas = np.append(np.asarray(sigma_at(schedule, t), np.float64), 0.0)
+    return SigmaGrid(np.asarray(timestep_at(schedule, sigmas[:-1]), np.float64), sigmas)
+
+
+def flow_grid(steps: int, shift: float = 1.0) -> SigmaGrid:
+    """Times t from 1 to 0 (``diffusion.schedules.flow_timesteps``, with the SD3 / Flux shift)."""
+    t = flow_timesteps(steps, shift)
+    return SigmaGrid(t[:-1], t)
+
+
+def _last_steps(grid, k: int):
+    """The grid of the last k steps: per-step arrays keep k entries, per-frame arrays k + 1."""
+    n = len(grid.timesteps)
+    return type(grid)(*(a[n - k :] for a in grid))
+
+
+# --- Families: how the sampler's state relates to x_0, eps and the network -----------
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a family of samplers steps in, and how it asks the network.
+
+    ``model(denoiser, parameterization, schedule, cond, clip_x0)`` builds the view
+    its steps call; ``scales(grid)`` gives, per frame, the (signal, noise) scales
+    of the forward process x_t = signal x_0 + noise eps that the network sees;
+    ``state_factor(grid)`` gives the factor from that x_t to the sampler's own
+    state; ``levels(grid)`` the noise level reported per frame.
+    """
+
+    model: Callable
+    scales: Callable
+    state_factor: Callable
+    levels: Callable
+
+
+def _broadcast_time(t, x):
+    return jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+
+
+def _vp_model(denoiser, parameterization, schedule, cond, clip_x0):
+    """predict(x_t, t, alpha_bar) -> (x0_hat, eps_hat) for a DDPM-space x_t at timestep t.
+
+    A clipped x0_hat comes with the eps that agrees with it (as in Dhariwal &
+    Nichol's code), so that x_t = a x0_hat + s eps_hat still holds.
+    """
+
+    def predict(x, t, alpha_bar):
+        a, s = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+        x0, eps = forward.to_x0_eps(denoiser(x, _broadcast_time(t, x), cond), parameterization, x, a, s)
+        if clip_x0:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+            eps = (x - a * x0) / s
+        return x0, eps
+
+    return predict
+
+
+def _sigma_model(denoiser, parameterization, schedule, cond, clip_x0):
+    """slope(x, sigma) -> (dx/dsigma, x0_hat) for x = x_t / sqrt(alpha_bar) = x_0 + sigma eps.
+
+    The network sees x_t = x / sqrt(1 + sigma^2) at the fractional timestep of
+    sigma (k-diffusion's wrapper of a discrete-time model).
+    """
+
+    def slope(x, sigma):
+        a = 1.0 / jnp.sqrt(1.0 + sigma**2)
+        x_t, t = x * a, timestep_at(schedule, sigma)
+        x0, _ = forward.to_x0_eps(denoiser(x_t, _broadcast_time(t, x), cond), parameterization, x_t, a, sigma * a)
+        x0 = jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
+        return (x - x0) / sigma, x0
+
+    return slope
+
+
+def _flow_model(denoiser, parameterization, schedule, cond, clip_x0):
+    """slope(x, t) -> (velocity, x0_hat) on the path x_t = (1 - t) x_0 + t eps."""
+
+    def slope(x, t):
+        velocity = denoiser(x, _broadcast_time(t, x), cond)
+        x0 = x - t * velocity
+        if clip_x0:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+            velocity = (x - x0) / t
+        return velocity, x0
+
+    return slope
+
+
+def _vp_scales(grid):
+    return np.sqrt(grid.alpha_bar), np.sqrt(1.0 - grid.alpha_bar)
+
+
+def _vp_levels(grid):
+    with np.errstate(divide="ignore"):
+        return np.sqrt((1.0 - grid.alpha_bar) / grid.alpha_bar)
+
+
+def _sigma_scales(grid):
+    signal = 1.0 / np.sqrt(1.0 + grid.sigmas**2)
+    return signal, grid.sigmas * signal
+
+
+def _flow_scales(grid):
+    return 1.0 - grid.sigmas, grid.sigmas
+
+
+def _ones(grid):
+    return np.ones(len(grid.timesteps) + 1)
+
+
+FAMILIES = {
+    "vp": Family(_vp_model, _vp_scales, _ones, _vp_levels),
+    "sigma": Family(_sigma_model, _sigma_scales, lambda g: np.sqrt(1.0 + g.sigmas**2), lambda g: g.sigmas),
+    "flow": Family(_flow_model, _flow_scales, _ones, lambda g: g.sigmas),
+}
+
+
+# --- The steps -----------------------------------------------------------------------
+#
+# Each step is step(model, grid, state, i, key, **options) -> (state, x0_hat): state is
+# (x, history), history the previous predictions a multistep method keeps (None for
+# one-step methods); key is this step's key, fold_in(key, i), or None; x0_hat is the
+# step's first prediction of the data, for trajectories.
+
+
+def _normal(key, x):
+    return jax.random.normal(key, x.shape, x.dtype)
+
+
+def ddpm_step(predict, grid, state, i, key, *, variance="fixed_small"):
+    """Ancestral sampling from p(x_{t-1} | x_t) (Ho et al. 2020, Alg. 2, via eq. 6-7).
+
+    The network's x0_hat goes into the posterior q(x_prev | x_t, x_0) of eq. 7.
+    When steps skip timesteps, alpha = alpha_bar / alpha_bar_prev and beta = 1 -
+    alpha are those of the whole jump. Variance ``fixed_small`` is the posterior's
+    beta_tilde, ``fixed_large`` is beta (Ho et al. Sec. 3.2: both work). No noise
+    is added at the last step.
+    """
+    x, _ = state
+    alpha_bar, alpha_bar_prev = grid.alpha_bar[i], grid.alpha_bar[i + 1]
+    x0, _ = predict(x, grid.timesteps[i], alpha_bar)
+    alpha = alpha_bar / alpha_bar_prev
+    beta = 1.0 - alpha
+    mean = (jnp.sqrt(alpha_bar_prev) * beta * x0 + jnp.sqrt(alpha) * (1.0 - alpha_bar_prev) * x) / (1.0 - alpha_bar)
+    var = beta if variance == "fixed_large" else (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta
+    std = jnp.where(i < len(grid.timesteps) - 1, jnp.sqrt(var), 0.0)
+    return (mean + std * _normal(key, x), None), x0
+
+
+def ddim_step(predict, grid, state, i, key, *, eta=0.0):
+    """DDIM (Song, Meng, Ermon 2021, eq. 12, with sigma_t of eq. 16).
+
+    x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma_t^2) eps_hat + sigma_t z,
+    sigma_t = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) sqrt(1 - alpha_bar / alpha_bar_prev).
+    eta = 0 is the deterministic DDIM (a first-order solver of the probability-flow
+    ODE); eta = 1 is DDPM with the fixed_small variance.
+    """
+    x, _ = state
+    alpha_bar, alpha_bar_prev = grid.alpha_bar[i], grid.alpha_bar[i + 1]
+    x0, eps = predict(x, grid.timesteps[i], alpha_bar)
+    x_prev = jnp.sqrt(alpha_bar_prev) * x0
+    if eta == 0:
+        return (x_prev + jnp.sqrt(1.0 - alpha_bar_prev) * eps, None), x0
+    std = eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev))
+    x_prev += jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - std**2, 0.0)) * eps + std * _normal(key, x)
+    return (x_prev, None), x0
+
+
+def _ddim_transfer(x, eps, alpha_bar, alpha_bar_prev):
+    """Move x_t to level alpha_bar_prev along eps: PNDM's transfer part phi (Liu et al. 2022), DDIM's eta = 0 step."""
+    x0 = (x - jnp.sqrt(1.0 - alpha_bar) * eps) / jnp.sqrt(alpha_bar)
+    return jnp.sqrt(alpha_bar_prev) * x0 + jnp.sqrt(1.0 - alpha_bar_prev) * eps
+
+
+# Adams-Bashforth weights on (eps_now, eps_1, eps_2, eps_3 steps ago), by how many earlier eps exist.
+PLMS_COEFFICIENTS = np.array(
+    [[1, 0, 0, 0], [3 / 2, -1 / 2, 0, 0], [23 / 12, -16 / 12, 5 / 12, 0], [55 / 24, -59 / 24, 37 / 24, -9 / 24]]
+)
+
+
+def plms_step(predict, grid, state, i, key):
+    """Pseudo linear multistep, PLMS (Liu et al. 2022, PNDM), as the common implementations run it.
+
+    The transfer is DDIM's, with eps replaced by an Adams-Bashforth combination
+    of the current and up to three earlier eps. The first step has no history:
+    it averages the eps at both ends of a DDIM step (a Heun step, 2 network
+    calls, the warm-up of the widely used "skip PRK steps" variant), then the
+    order rises 2, 3, 4. NFE = N + 1 (N = 1: 1).
+    """
+    x, history = state
+    alpha_bar, alpha_bar_prev = grid.alpha_bar[i], grid.alpha_bar[i + 1]
+    x0, eps = predict(x, grid.timesteps[i], alpha_bar)
+
+    def warm_up():
+        x_prev = _ddim_transfer(x, eps, alpha_bar, alpha_bar_prev)
+        _, eps_prev = predict(x_prev, grid.timesteps[i + 1], alpha_bar_prev)
+        return (eps + eps_prev) / 2
+
+    def multistep():
+        c = jnp.asarray(PLMS_COEFFICIENTS, x.dtype)[jnp.minimum(i, 3)]
+        return c[0] * eps + jnp.tensordot(c[1:], history, axes=1)
+
+    eps_combined = lax.cond((i == 0) & (len(grid.timesteps) > 1), warm_up, multistep)
+    history = jnp.concatenate([eps[None], history[:-1]])
+    return (_ddim_transfer(x, eps_combined, alpha_bar, alpha_bar_prev), history), x0
+
+
+def _churn(x, grid, i, key, churn):
+    """Raise the noise level from sigma to sigma_hat = (1 + gamma) sigma (Karras et al. 2022, Alg. 2, lines 4-6).
+
+    gamma = min(churn / N, sqrt(2) - 1), as in k-diffusion with S_tmin = 0,
+    S_tmax = inf, S_noise = 1.
+    """
+    sigma = grid.sigmas[i]
+    if churn == 0:
+        return x, sigma
+    sigma_hat = sigma * (1.0 + min(churn / len(grid.timesteps), math.sqrt(2.0) - 1.0))
+    return x + jnp.sqrt(sigma_hat**2 - sigma**2) * _normal(key, x), sigma_hat
+
+
+def euler_step(slope, grid, state, i, key, *, churn=0.0):
+    """One Euler step of dx/dsigma = (x - x0_hat) / sigma (k-diffusion's ``sample_euler``).
+
+    Karras et al. 2022, Alg. 1 without its second-order correction; churn > 0
+    first adds the noise of their Alg. 2. With sigma = t and the velocity as
+    slope, this is the flow-matching Euler sampler (Lipman et al. 2023; Liu et
+    al. 2023).
+    """
+    x, _ = state
+    x, sigma = _churn(x, grid, i, key, churn)
+    d, x0 = slope(x, sigma)
+    return (x + d * (grid.sigmas[i + 1] - sigma), None), x0
+
+
+def euler_ancestral_step(slope, grid, state, i, key, *, eta=1.0):
+    """Euler "ancestral" (k-diffusion's ``sample_euler_ancestral``, the "Euler a" of image tools).
+
+    Step deterministically down to sigma_down, then add fresh noise up to
+    sigma_next, split so that sigma_down^2 + sigma_up^2 = sigma_next^2 and
+    sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2: the noise
+    of an ancestral (DDPM-like) step, in sigma space.
+    """
+    x, _ = state
+    sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
+    d, x0 = slope(x, sigma)
+    sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
+    x = x + d * (sigma_down - sigma)
+    return (x + sigma_up * _normal(key, x) if eta > 0 else x, None), x0
+
+
+def heun_step(slope, grid, state, i, key, *, churn=0.0):
+    """Heun's second-order step (Karras et al. 2022, Alg. 1; with churn, Alg. 2).
+
+    An Euler step, then the average of the slopes at both ends; the step to
+    sigma = 0 stays Euler (the slope there is undefined), so NFE = 2N - 1.
+    """
+    x, _ = state
+    x, sigma = _churn(x, grid, i, key, churn)
+    sigma_next = grid.sigmas[i + 1]
+    d, x0 = slope(x, sigma)
+    x_euler = x + d * (sigma_next - sigma)
+
+    def trapezoid():
+        d_next, _ = slope(x_euler, sigma_next)
+        return x + (d + d_next) / 2 * (sigma_next - sigma)
+
+    return (lax.cond(sigma_next > 0, trapezoid, lambda: x_euler), None), x0
+
+
+def dpmpp_2m_step(slope, grid, state, i, key):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), in sigma space as k-diffusion's ``sample_dpmpp_2m``.
+
+    In lambda = -log sigma the update is exact for a constant x0_hat:
+    x_next = (sigma_next / sigma) x - expm1(-h) D, h = lambda_next - lambda. D is
+    x0_hat extrapolated linearly from the previous step, D = (1 + 1/(2r)) x0_hat
+    - 1/(2r) x0_hat_prev with r = h_prev / h; the first step, and the last (to
+    sigma = 0), use D = x0_hat (first order, as the widely used implementations do).
+    """
+    x, history = state
+    sigma_prev, sigma, sigma_next = grid.sigmas[i - 1], grid.sigmas[i], grid.sigmas[i + 1]
+    _, x0 = slope(x, sigma)
+    h = jnp.log(sigma / sigma_next)
+    second_order = (i > 0) & (sigma_next > 0)
+    r = jnp.where(second_order, jnp.log(sigma_prev / sigma) / h, 1.0)
+    d = jnp.where(second_order, (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * history[0], x0)
+    return ((sigma_next / sigma) * x - jnp.expm1(-h) * d, x0[None]), x0
+
+
+# --- The registry ----------------------------------------------------------------------
+
+
+def _one_call_per_step(grid):
+    return np.ones(len(grid.timesteps), np.int64)
+
+
+def _heun_calls(grid):
+    return 1 + (np.asarray(grid.sigmas[1:]) > 0).astype(np.int64)
+
+
+def _plms_calls(grid):
+    calls = _one_call_per_step(grid)
+    calls[:1] += len(calls) > 1  # the warm-up step calls twice (unless it is the only step)
+    return calls
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A registry entry: the step, its family, default spacing, options and their defaults.
+
+    ``history`` is how many earlier predictions the step keeps; ``calls(grid)``
+    the network calls of each step; ``stochastic(options)`` whether it draws noise.
+    """
+
+    step: Callable
+    family: str
+    spacing: str | None
+    options: tuple = ()
+    history: int = 0
+    calls: Callable = _one_call_per_step
+    stochastic: Callable = lambda options: False
+
+
+def _positive(option):
+    return lambda options: options[option] > 0
+
+
+SAMPLERS = {
+    "ddpm": Sampler(ddpm_step, "vp", "leading", (("variance", "fixed_small"),), stochastic=lambda options: True),
+    "ddim": Sampler(ddim_step, "vp", "leading", (("eta", 0.0),), stochastic=_positive("eta")),
+    "plms": Sampler(plms_step, "vp", "leading", history=3, calls=_plms_calls),
+    "euler": Sampler(euler_step, "sigma", "linspace", (("churn", 0.0),), stochastic=_positive("churn")),
+    "euler_a": Sampler(euler_ancestral_step, "sigma", "linspace", (("eta", 1.0),), stochastic=_positive("eta")),
+    "heun": Sampler(heun_step, "sigma", "linspace", (("churn", 0.0),), 0, _heun_calls, _positive("churn")),
+    "dpmpp_2m": Sampler(dpmpp_2m_step, "sigma", "linspace", history=1),
+    "dpmpp_2m_karras": Sampler(dpmpp_2m_step, "sigma", "karras", history=1),
+    "flow_euler": Sampler(euler_step, "flow", None),
+    "flow_heun": Sampler(heun_step, "flow", None, calls=_heun_calls),
+}
+
+VARIANCES = ("fixed_small", "fixed_large")
+
+
+# --- Plans: everything about a run that is settled before compiling -------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """A validated sampling run, without the data: sampler, grid (NumPy, float64) and settings."""
+
+    sampler: Sampler
+    grid: VPGrid | SigmaGrid
+    parameterization: str
+    schedule: Schedule | None = None
+    options: tuple = ()
+    clip_x0: bool = False
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.sampler.family]
+
+    @property
+    def steps(self) -> int:
+        return len(self.grid.timesteps)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations of the whole run."""
+        return int(np.sum(self.sampler.calls(self.grid)))
+
+    def last_steps(self, k: int) -> Plan:
+        """The same run restricted to its last k steps (SDEdit's partial sampling)."""
+        return dataclasses.replace(self, grid=_last_steps(self.grid, k))
+
+
+def make_plan(
+    sampler: str,
+    *,
+    schedule: Schedule | None,
+    steps: int,
+    parameterization: str,
+    spacing: str | None = None,
+    offset: int = 0,
+    shift: float | None = None,
+    clip_x0: bool = False,
+    **options,
+) -> Plan:
+    """Check every setting on the host and lay out the grid; raises ValueError saying what to change."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    spec = SAMPLERS[sampler]
+    _check_parameterization(sampler, spec.family, parameterization)
+    _check_steps(steps, schedule, spec.family, sampler)
+    known = dict(spec.options)
+    unknown = set(options) - set(known)
+    if unknown:
+        offered = ", ".join(known) or "none"
+        raise ValueError(f"sampler {sampler!r} has no option {', '.join(sorted(unknown))}; its options: {offered}")
+    options = {**known, **options}
+    _check_options(sampler, options)
+    if spec.family == "flow":
+        if schedule is not None or spacing is not None or offset:
+            raise ValueError(f"{sampler} runs time t from 1 to 0: pass no schedule, spacing or offset (use shift)")
+        grid = flow_grid(steps, 1.0 if shift is None else shift)
+    else:
+        if shift is not None:
+            raise ValueError(f"shift applies to the flow samplers only, not {sampler!r}")
+        spacing = spec.spacing if spacing is None else spacing
+        allowed = ("linspace", "leading", "trailing") + (("karras",) if spec.family == "sigma" else ())
+        if spacing not in allowed:
+            raise ValueError(f"{sampler} takes spacing {', '.join(allowed)} (got {spacing!r})")
+        if offset and spacing != "leading":
+            raise ValueError("offset applies only to 'leading' spacing")
+        make = vp_grid if spec.family == "vp" else sigma_grid
+        grid = make(schedule, steps, spacing, offset)
+        _check_terminal_snr(sampler, grid, parameterization)
+    return Plan(spec, grid, parameterization, schedule, tuple(sorted(options.items())), bool(clip_x0))
+
+
+def _check_parameterization(sampler, family, parameterization):
+    if parameterization not in forward.PARAMETERIZATIONS:
+        raise ValueError(
+            f"unknown parameterization {parameterization!r}; choose one of {', '.join(forward.PARAMETERIZATIONS)}"
+        )
+    if (family == "flow") != (parameterization == "velocity"):
+        need = "'velocity'" if family == "flow" else "eps, x0, v or score"
+        raise ValueError(f"sampler {sampler!r} needs a denoiser predicting {need} (got {parameterization!r})")
+
+
+def _check_steps(steps, schedule, family, sampler):
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1 (got {steps!r})")
+    if family == "flow":
+        return
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"sampler {sampler!r} needs the schedule the denoiser was trained with (got {schedule!r})")
+    if steps > schedule.num_timesteps:
+        raise ValueError(f"steps must be at most the schedule's {schedule.num_timesteps} timesteps (got {steps})")
+
+
+def _check_options(sampler, options):
+    if "eta" in options and not 0.0 <= options["eta"] <= 1.0:
+        raise ValueError(f"{sampler}: eta must be in [0, 1] (got {options['eta']})")
+    if "churn" in options and not options["churn"] >= 0.0:
+        raise ValueError(f"{sampler}: churn must be >= 0 (got {options['churn']}); 0 means deterministic")
+    if "variance" in options and options["variance"] not in VARIANCES:
+        raise ValueError(f"{sampler}: variance must be one of {', '.join(VARIANCES)} (got {options['variance']!r})")
+
+
+def _check_terminal_snr(sampler, grid, parameterization):
+    """DDPM-space steps divide by sqrt(alpha_bar) where eps gives x_0: impossible where alpha_bar = 0."""
+    if not isinstance(grid, VPGrid) or grid.alpha_bar[0] > 0:
+        return
+    if sampler == "plms":
+        raise ValueError("plms extrapolates eps, so it cannot start where alpha_bar = 0 (zero terminal SNR); use ddim")
+    if parameterization in ("eps", "score"):
+        raise ValueError(
+            "the first timestep has alpha_bar = 0 (zero terminal SNR), where an eps-prediction says nothing about x_0; "
+            "use a v- or x0-prediction model, or a spacing that does not start at the last timestep"
+        )
+
+
+# --- Running a plan ----------------------------------------------------------------------
+
+
+class Result(NamedTuple):
+    """What a sampler returns.
+
+    ``x``: the sample. ``nfe``: network evaluations (a guided call counts once).
+    With ``return_trajectory``: ``xs`` (N + 1, B, ...) the x_t the network sees at
+    every frame, from the start to ``x`` (``xs[-1]`` is ``x``, bit for bit);
+    ``x0s`` (N, B, ...) each step's first prediction of x_0. ``timesteps`` (N,)
+    the network time of each step; ``sigmas`` (N + 1,) the noise level of each
+    frame (sigma, or t for flows).
+    """
+
+    x: jax.Array
+    nfe: int
+    xs: jax.Array | None = None
+    x0s: jax.Array | None = None
+    timesteps: np.ndarray | None = None
+    sigmas: np.ndarray | None = None
+
+
+class Edit(NamedTuple):
+    """A change to every step (inpainting): ``wrap(step, args) -> step``, ``wrap`` hashable, ``args`` arrays."""
+
+    wrap: Callable
+    args: Any
+
+
+class _Static(NamedTuple):
+    sampler: Sampler
+    parameterization: str
+    schedule: Schedule | None
+    options: tuple
+    clip_x0: bool
+    denoiser: tuple
+    wrap: Callable | None
+    trajectory: bool
+
+
+class _Dynamic(NamedTuple):
+    denoiser: list
+    grid: Any
+    state_factor: jax.Array
+    cond: Any
+    key: Any
+    edit_args: Any
+
+
+def _split_denoiser(denoiser):
+    """The arrays of the denoiser's pytree (an NNX module's weights) become arguments; the rest, constants."""
+    leaves, treedef = jax.tree_util.tree_flatten(denoiser)
+    is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+    arrays = [leaf if a else None for leaf, a in zip(leaves, is_array)]
+    others = tuple(None if a else leaf for leaf, a in zip(leaves, is_array))
+    return arrays, (treedef, others)
+
+
+def _join_denoiser(arrays, static):
+    treedef, others = static
+    return jax.tree_util.tree_unflatten(treedef, [a if o is None else o for a, o in zip(arrays, others)])
+
+
+def _body(static: _Static, dyn: _Dynamic):
+    """The scan body: (state, i) -> (state, frame), frame = (x_t, x0_hat) or None."""
+    denoiser = _join_denoiser(dyn.denoiser, static.denoiser)
+    model = FAMILIES[static.sampler.family].model(
+        denoiser, static.parameterization, static.schedule, dyn.cond, static.clip_x0
+    )
+    step = functools.partial(static.sampler.step, model, dyn.grid, **dict(static.options))
+    if static.wrap is not None:
+        step = static.wrap(step, dyn.edit_args)
+
+    def body(state, i):
+        key = None if dyn.key is None else jax.random.fold_in(dyn.key, i)
+        state, x0 = step(state, i, key)
+        return state, ((state[0] / dyn.state_factor[i + 1], x0) if static.trajectory else None)
+
+    return body
+
+
+def _initial_state(static, dyn, x_start):
+    history = static.sampler.history
+    memory = jnp.zeros((history,) + x_start.shape, x_start.dtype) if history else None
+    return x_start * dyn.state_factor[0], memory
+
+
+@functools.partial(jax.jit, static_argnames="static")
+def _scan(static: _Static, dyn: _Dynamic, x_start):
+    steps = jnp.arange(len(dyn.grid.timesteps))
+    state, frames = lax.scan(_body(static, dyn), _initial_state(static, dyn, x_start), steps)
+    return state[0] / dyn.state_factor[-1], frames
+
+
+@functools.partial(jax.jit, static_argnames="static")
+def _one_step(static: _Static, dyn: _Dynamic, state, i):
+    return _body(static, dyn)(state, i)
+
+
+def _python_loop(static, dyn, x_start):
+    state, frames = _initial_state(static, dyn, x_start), []
+    for i in range(len(dyn.grid.timesteps)):
+        state, frame = _one_step(static, dyn, state, jnp.int32(i))
+        frames.append(frame)
+    stacked = jax.tree.map(lambda *f: jnp.stack(f), *frames) if static.trajectory else None
+    return state[0] / dyn.state_factor[-1], stacked
+
+
+def run(
+    plan: Plan,
+    denoiser,
+    x_start,
+    *,
+    key=None,
+    cond=None,
+    return_trajectory: bool = False,
+    python_loop: bool = False,
+    edit: Edit | None = None,
+) -> Result:
+    """Run a plan from x_start, the x_t of its first frame (pure noise for ordinary sampling).
+
+    Compiled once per static setting (sampler, options, parameterization,
+    schedule, trajectory, the denoiser's non-array parts; jit also keys on
+    shapes and dtypes): the denoiser's arrays -- an NNX module's weights, a
+    ``jax.tree_util.Partial``'s arguments -- are arguments of the program, so a
+    model trained further is sampled with its new weights without recompiling.
+    Arrays captured in a closure are constants baked in at first compile:
+    pass the model itself (or a Partial) rather than a lambda around it.
+    """
+    x_start, cond = _check_inputs(plan, denoiser, x_start, key, cond)
+    levels = plan.family.levels(plan.grid)
+    if plan.steps == 0:  # nothing to run (img2img at strength 0)
+        empty = (x_start[None], jnp.zeros((0,) + x_start.shape, x_start.dtype)) if return_trajectory else ()
+        return Result(x_start, 0, *empty, np.asarray(plan.grid.timesteps), levels)
+    arrays, denoiser_static = _split_denoiser(denoiser)
+    wrap = None if edit is None else edit.wrap
+    static = _Static(
+        plan.sampler, plan.parameterization, plan.schedule, plan.options, plan.clip_x0, denoiser_static, wrap,
+        bool(return_trajectory),
+    )
+    try:
+        hash(static)
+    except TypeError as error:
+        raise ValueError(f"the denoiser holds a value that is neither an array nor hashable: {error}") from None
+    as_x = lambda a: jnp.asarray(a, x_start.dtype)  # noqa: E731
+    grid, state_factor = jax.tree.map(as_x, plan.grid), as_x(plan.family.state_factor(plan.grid))
+    dyn = _Dynamic(arrays, grid, state_factor, cond, key, None if edit is None else edit.args)
+    x, frames = (_python_loop if python_loop else _scan)(static, dyn, x_start)
+    xs, x0s = (None, None) if frames is None else (jnp.concatenate([x_start[None], frames[0]]), frames[1])
+    return Result(x, plan.nfe, xs, x0s, np.asarray(plan.grid.timesteps), levels)
+
+
+def _check_inputs(plan, denoiser, x_start, key, cond):
+    if not callable(denoiser):
+        raise ValueError(f"the denoiser must be a function (x, t, cond) -> prediction (got {type(denoiser).__name__})")
+    x_start = jnp.asarray(x_start)
+    if x_start.ndim < 1 or not jnp.issubdtype(x_start.dtype, jnp.floating):
+        raise ValueError(f"x_T must be a float array of shape (batch, ...) (got {x_start.dtype} {x_start.shape})")
+    if cond is not None:
+        cond = jax.tree.map(jnp.asarray, cond)
+        for leaf in jax.tree.leaves(cond):
+            if leaf.shape[:1] != x_start.shape[:1]:
+                raise ValueError(f"cond needs one entry per example: ({x_start.shape[0]}, ...) (got {leaf.shape})")
+    if key is None and plan.sampler.stochastic(dict(plan.options)):
+        raise ValueError("this sampler draws noise at every step: pass key=jax.random.key(seed)")
+    return x_start, cond
+
+
+def sample(
+    denoiser,
+    x_T,
+    *,
+    sampler: str,
+    schedule: Schedule | None = None,
+    steps: int,
+    parameterization: str,
+    key=None,
+    cond=None,
+    spacing: str | None = None,
+    offset: int = 0,
+    shift: float | None = None,
+    clip_x0: bool = False,
+    return_trajectory: bool = False,
+    python_loop: bool = False,
+    **options,
+) -> Result:
+    """Draw samples: run ``sampler`` for ``steps`` steps from the noise x_T.
+
+    denoiser: ``(x, t, cond) -> prediction`` in ``parameterization``; x_T: the
+    noise, shape (B, ...), standard normal (the sampler scales it to its own
+    variable: sigma-space samplers start at x_T sqrt(1 + sigma_max^2)); key:
+    needed by stochastic samplers, step i uses ``fold_in(key, i)``; cond: one
+    condition per example, passed to the denoiser. spacing (default: the
+    sampler's), offset (``leading`` only), shift (flows), clip_x0 (clip x0_hat to
+    [-1, 1], off by default) and the sampler's options (``eta`` for ddim and
+    euler_a, ``churn`` for euler and heun, ``variance`` for ddpm) shape the run;
+    python_loop runs the same step in a Python loop, for debugging.
+    """
+    plan = make_plan(
+        sampler, schedule=schedule, steps=steps, parameterization=parameterization, spacing=spacing, offset=offset,
+        shift=shift, clip_x0=clip_x0, **options,
+    )
+    return run(plan, denoiser, x_T, key=key, cond=cond, return_trajectory=return_trajectory, python_loop=python_loop)

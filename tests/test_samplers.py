@@ -1,0 +1,323 @@
+"""The samplers, proven with the exact Gaussian-mixture denoiser: no network, so what is left is the sampler.
+
+- order of accuracy: from the same x_T every deterministic sampler converges to
+  the probability-flow ODE solution (scipy, float64), at order 1 or 2;
+- distributions: long or good samplers reproduce the mixture, 5 steps do not;
+- the conventions of the common implementations (grids, NFE, PLMS's warm-up);
+- determinism, scan == Python loop, trajectories, compile caching, bad input.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+
+from diffusion import forward, metrics, mixture, samplers
+from diffusion.samplers import make_plan, sample
+from diffusion.schedules import Schedule
+
+SCHEDULE = Schedule("linear", 1000)
+RING = mixture.ring_mixture()
+EPS = mixture.exact_denoiser(RING, SCHEDULE, "eps")  # module level: one compile per setting, shared by the tests
+X0 = mixture.exact_denoiser(RING, SCHEDULE, "x0")
+VELOCITY = mixture.exact_flow_velocity(RING)
+
+
+def _run(name, x_T, steps, denoiser=None, **kw):
+    """Sample with the exact denoiser of the family of ``name``."""
+    if name.startswith("flow"):
+        return sample(denoiser or VELOCITY, x_T, sampler=name, steps=steps, parameterization="velocity", **kw)
+    return sample(denoiser or EPS, x_T, sampler=name, schedule=SCHEDULE, steps=steps, parameterization="eps", **kw)
+
+
+# --- Order of accuracy ------------------------------------------------------------------------
+
+ORDER_STEPS = (128, 256, 512)
+ORDERS = {  # sampler, extra settings, expected order
+    "euler": ({}, 1),
+    "ddim": ({"spacing": "linspace"}, 1),
+    "heun": ({}, 2),
+    "dpmpp_2m": ({}, 2),
+    "dpmpp_2m_karras": ({}, 2),
+    "flow_euler": ({}, 1),
+    "flow_heun": ({}, 2),
+}
+
+
+def _float64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _probability_flow_solution(x_T):
+    """Where the diffusion samplers converge: the ODE dx/d log(sigma) = x - x0_hat in sigma space, solved
+    with scipy from sigma_max to sigma_min (the schedule's t = T - 1 and t = 0), then the final jump to
+    sigma = 0 that every sampler makes there: x = x0_hat(x, sigma_min)."""
+    ring = _float64(RING)
+
+    @jax.jit
+    def denoised(x, sigma):
+        a = 1.0 / jnp.sqrt(1.0 + sigma**2)
+        return mixture.posterior_mean(ring, x * a, a, sigma * a)
+
+    sigma_max, sigma_min = SCHEDULE.sigmas[-1], SCHEDULE.sigmas[0]
+    shape = x_T.shape
+    solution = scipy.integrate.solve_ivp(
+        lambda u, y: np.ravel(y.reshape(shape) - denoised(y.reshape(shape), np.exp(u))),
+        (np.log(sigma_max), np.log(sigma_min)),
+        np.ravel(x_T * np.sqrt(1.0 + sigma_max**2)),
+        method="DOP853", rtol=1e-10, atol=1e-10,
+    )
+    return np.asarray(denoised(solution.y[:, -1].reshape(shape), sigma_min))
+
+
+def _flow_solution(x_T, t_end=1e-6):
+    """The rectified-flow ODE dx/dt = (x - x0_hat) / t from t = 1 to t_end, then x0_hat there (= x(0) + O(t_end^2))."""
+    ring = _float64(RING)
+
+    @jax.jit
+    def x0_hat(x, t):
+        return mixture.posterior_mean(ring, x, 1.0 - t, t)
+
+    shape = x_T.shape
+    solution = scipy.integrate.solve_ivp(
+        lambda t, y: np.ravel((y.reshape(shape) - x0_hat(y.reshape(shape), t)) / t),
+        (1.0, t_end), np.ravel(x_T), method="DOP853", rtol=1e-10, atol=1e-10,
+    )
+    return np.asarray(x0_hat(solution.y[:, -1].reshape(shape), t_end))
+
+
+def test_deterministic_samplers_converge_to_the_ode_solution_at_their_order():
+    with jax.enable_x64(True):
+        x_T = np.asarray(jax.random.normal(jax.random.key(0), (64, 2), jnp.float64))
+        reference = {"diffusion": _probability_flow_solution(x_T), "flow": _flow_solution(x_T)}
+        rows, failures = [], []
+        for name, (settings, expected) in ORDERS.items():
+            flow = name.startswith("flow")
+            target = reference["flow" if flow else "diffusion"]
+            errors = []
+            for steps in ORDER_STEPS:
+                denoiser = VELOCITY if flow else X0
+                kind = "velocity" if flow else "x0"
+                result = sample(
+                    denoiser, jnp.asarray(x_T), sampler=name, schedule=None if flow else SCHEDULE, steps=steps,
+                    parameterization=kind, **settings,
+                )
+                assert result.x.dtype == jnp.float64
+                errors.append(np.sqrt(np.mean(np.sum((np.asarray(result.x) - target) ** 2, axis=1))))
+            order = -np.polyfit(np.log(ORDER_STEPS), np.log(errors), 1)[0]
+            rows.append(f"{name:16s} " + " ".join(f"{e:9.2e}" for e in errors) + f"   {order:5.2f}   {expected}")
+            if not (0.9 <= order <= 1.15 if expected == 1 else 1.8 <= order <= 2.2):
+                failures.append(f"{name}: observed order {order:.2f}, expected about {expected}")
+    header = f"{'sampler':16s} " + " ".join(f"{'N=' + str(n):>9s}" for n in ORDER_STEPS) + "   order   expected"
+    print("\nRMS error against the ODE solution (float64, 64 particles of the 8-Gaussian ring):")
+    print("\n".join([header, *rows]))
+    assert not failures, failures
+
+
+def test_euler_is_ddim_in_sigma_space():
+    # On the same grid (all T integer timesteps), DDIM's update sqrt(ab') x0 + sqrt(1 - ab') eps is
+    # exactly an Euler step of dx/dsigma = (x - x0_hat) / sigma for x = x_t / sqrt(alpha_bar).
+    schedule = Schedule("linear", 50)
+    denoiser = mixture.exact_denoiser(RING, schedule, "eps")
+    x_T = jax.random.normal(jax.random.key(1), (64, 2))
+    settings = dict(schedule=schedule, steps=50, parameterization="eps", spacing="linspace")
+    ddim = sample(denoiser, x_T, sampler="ddim", **settings)
+    euler = sample(denoiser, x_T, sampler="euler", **settings)
+    np.testing.assert_allclose(euler.x, ddim.x, atol=2e-4)
+
+
+# --- Distributions --------------------------------------------------------------------------
+
+SW_TOLERANCE = 0.1  # sliced W1 to 2000 true samples; two true sets of 2000 differ by 0.03-0.09 (6 seeds)
+WEIGHT_TOLERANCE = 0.03  # per mode, about 4 standard errors at n = 2000 (true weight 1/8)
+
+
+def test_long_and_good_samplers_reproduce_the_mixture_and_5_steps_do_not():
+    n = 2000
+    x_T = jax.random.normal(jax.random.key(2), (n, 2))
+    truth, _ = mixture.sample(RING, jax.random.key(3), n)
+    distance = {}
+    for name, steps in [("ddpm", 1000), ("dpmpp_2m", 20), ("euler_a", 50), ("dpmpp_2m", 5)]:
+        x = _run(name, x_T, steps, key=jax.random.key(5)).x
+        distance[name, steps] = metrics.sliced_wasserstein(x, truth)
+        weights = metrics.mode_weights(x, RING)
+        if steps > 5:
+            assert distance[name, steps] < SW_TOLERANCE, (name, steps, distance)
+            np.testing.assert_allclose(weights, 1 / 8, atol=WEIGHT_TOLERANCE, err_msg=f"{name} {steps}")
+        assert np.all(weights > 0.05), f"{name} {steps}: a mode is missing: {weights}"
+    print("\nsliced W1 to the true mixture:", {f"{k[0]} {k[1]}": round(v, 3) for k, v in distance.items()})
+    assert distance["dpmpp_2m", 5] > 3 * distance["dpmpp_2m", 20]
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_zero_terminal_snr_with_v_prediction_and_trailing_spacing(name):
+    schedule = Schedule("linear", 1000, zero_terminal_snr=True)
+    denoiser = mixture.exact_denoiser(RING, schedule, "v")
+    x_T = jax.random.normal(jax.random.key(6), (1000, 2))
+    result = sample(
+        denoiser, x_T, sampler=name, schedule=schedule, steps=50, parameterization="v", spacing="trailing",
+        key=jax.random.key(7),
+    )
+    assert result.timesteps[0] == 999 and result.sigmas[0] == np.inf
+    truth, _ = mixture.sample(RING, jax.random.key(8), 1000)
+    assert metrics.sliced_wasserstein(result.x, truth) < SW_TOLERANCE
+    with pytest.raises(ValueError, match="alpha_bar = 0"):
+        make_plan(name, schedule=schedule, steps=50, parameterization="eps", spacing="trailing")
+
+
+# --- Conventions of the widely used implementations ---------------------------------------------
+
+
+def test_grids_and_nfe_follow_the_common_implementations():
+    plan = lambda name, **kw: make_plan(name, schedule=SCHEDULE, steps=10, parameterization="eps", **kw)  # noqa: E731
+    ddim = plan("ddim")
+    np.testing.assert_array_equal(ddim.grid.timesteps, np.arange(900, -1, -100))  # leading
+    assert ddim.grid.alpha_bar[-1] == 1.0  # "set alpha to one"
+    np.testing.assert_array_equal(plan("ddim", offset=1).grid.timesteps, np.arange(901, 0, -100))
+    np.testing.assert_array_equal(plan("ddim", spacing="trailing").grid.timesteps, np.arange(999, 0, -100))
+    euler = plan("euler")  # k-diffusion: sigma at linspace(T - 1, 0, N) (fractional), then 0
+    np.testing.assert_allclose(euler.grid.timesteps, np.linspace(999, 0, 10), atol=1e-3)
+    np.testing.assert_allclose(euler.grid.sigmas[[0, -2]], SCHEDULE.sigmas[[-1, 0]], rtol=1e-6)
+    assert euler.grid.sigmas[-1] == 0
+    karras = plan("dpmpp_2m_karras").grid.sigmas
+    rho = 7.0
+    ramp = (karras[:-1] ** (1 / rho) - karras[0] ** (1 / rho)) / (karras[-2] ** (1 / rho) - karras[0] ** (1 / rho))
+    np.testing.assert_allclose(ramp, np.linspace(0, 1, 10), atol=1e-12)  # Karras et al. eq. 5
+    flow = make_plan("flow_euler", schedule=None, steps=4, parameterization="velocity", shift=3.0)
+    np.testing.assert_allclose(flow.grid.sigmas, [1.0, 0.9, 0.75, 0.5, 0.0])  # 3t / (1 + 2t)
+    nfe = {name: plan(name).nfe for name in samplers.SAMPLERS if not name.startswith("flow")}
+    assert nfe == dict(ddpm=10, ddim=10, plms=11, euler=10, euler_a=10, heun=19, dpmpp_2m=10, dpmpp_2m_karras=10)
+    assert make_plan("flow_heun", schedule=None, steps=10, parameterization="velocity").nfe == 19
+
+
+def _reference_plms(eps_model, schedule, x, steps, offset):
+    """PLMS as the widely used PNDM scheduler with "skip PRK steps" runs it: a counter-driven loop over
+    the timesteps [t0, t1, t1, t2, ...], written independently of diffusion.samplers, in float64."""
+    T, ratio = schedule.num_timesteps, schedule.num_timesteps // steps
+    ts = np.arange(steps) * ratio + offset
+    plms_ts = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]
+    alpha_bar = lambda t: schedule.alpha_bar[t] if t >= 0 else 1.0  # noqa: E731
+    ets, saved, x = [], None, np.asarray(x, np.float64)
+    for counter, t in enumerate(plms_ts):
+        e = np.asarray(eps_model(x, t), np.float64)
+        prev = t - ratio
+        if counter != 1:
+            ets = ets[-3:] + [e]
+        else:
+            prev, t = t, t + ratio
+        if len(ets) == 1 and counter == 0:
+            saved = x
+        elif len(ets) == 1 and counter == 1:
+            e, x = (e + ets[-1]) / 2, saved
+        elif len(ets) == 2:
+            e = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            e = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            e = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        a, a_prev = alpha_bar(t), alpha_bar(prev)
+        denominator = a * np.sqrt(1 - a_prev) + np.sqrt(a * (1 - a) * a_prev)
+        x = np.sqrt(a_prev / a) * x - (a_prev - a) * e / denominator
+    return x
+
+
+def test_plms_matches_the_pndm_scheduler_loop():
+    x_T = jax.random.normal(jax.random.key(10), (64, 2))
+    eps_model = jax.jit(lambda x, t: EPS(jnp.asarray(x, jnp.float32), jnp.full((64,), t, jnp.float32), None))
+    expected = _reference_plms(eps_model, SCHEDULE, x_T, steps=10, offset=1)
+    result = _run("plms", x_T, 10, offset=1)
+    assert result.nfe == 11
+    np.testing.assert_allclose(result.x, expected, atol=2e-4)
+
+
+def test_ddim_with_eta_one_is_ddpm_and_ddpm_uses_the_posterior_of_ho_et_al():
+    # DDIM's sigma_t at eta = 1 is DDPM's posterior standard deviation (Song et al. 2021, Sec. 4.1), and
+    # both draw noise from fold_in(key, i): same key, same samples.
+    x_T = jax.random.normal(jax.random.key(16), (64, 2))
+    key = jax.random.key(17)
+    ddim = _run("ddim", x_T, 8, key=key, eta=1.0, return_trajectory=True)
+    ddpm = _run("ddpm", x_T, 8, key=key, return_trajectory=True)
+    np.testing.assert_allclose(ddim.xs, ddpm.xs, atol=2e-4)
+    # One full-schedule step against forward.posterior_mean_variance (Ho et al. eq. 6-7).
+    x_t = jax.random.normal(jax.random.key(13), (8, 2))
+    x0 = jax.random.normal(jax.random.key(14), (8, 2))
+    grid = samplers.VPGrid(jnp.asarray([500.0, 499.0]), jnp.asarray(SCHEDULE.alpha_bar[[500, 499]].tolist() + [1.0]))
+    z = jax.random.normal(jax.random.key(15), (8, 2))
+    (x_prev, _), _ = samplers.ddpm_step(lambda x, t, ab: (x0, None), grid, (x_t, None), 0, jax.random.key(15))
+    mean, variance = forward.posterior_mean_variance(SCHEDULE, x0, x_t, 500)
+    np.testing.assert_allclose(x_prev, mean + jnp.sqrt(variance) * z, rtol=1e-5, atol=1e-5)
+
+
+# --- Determinism, loop forms, trajectories, compilation ---------------------------------------
+
+LOOP_CASES = [("ddpm", {}), ("plms", {}), ("heun", {"churn": 1.0})]
+
+
+@pytest.mark.parametrize("name, options", LOOP_CASES)
+def test_same_key_same_bits_and_the_python_loop_agrees(name, options):
+    x_T = jax.random.normal(jax.random.key(16), (64, 2))
+    key = jax.random.key(17)
+    first = _run(name, x_T, 8, key=key, return_trajectory=True, **options)
+    again = _run(name, x_T, 8, key=key, return_trajectory=True, **options)
+    np.testing.assert_array_equal(first.x, again.x)
+    np.testing.assert_array_equal(first.xs[-1], first.x)  # the trajectory ends at the sample, bit for bit
+    np.testing.assert_array_equal(first.xs[0], x_T)
+    assert first.xs.shape == (9, 64, 2) and first.x0s.shape == (8, 64, 2) and len(first.sigmas) == 9
+    looped = _run(name, x_T, 8, key=key, python_loop=True, return_trajectory=True, **options)
+    np.testing.assert_allclose(looped.xs, first.xs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(looped.x0s, first.x0s, rtol=1e-5, atol=1e-5)
+    if name != "plms":  # stochastic: another key gives another sample
+        other = _run(name, x_T, 8, key=jax.random.key(18), return_trajectory=True, **options)
+        assert not np.allclose(other.x, first.x)
+
+
+def test_compiled_once_per_setting_and_weights_are_arguments():
+    # The denoiser's arrays are arguments of the compiled program: new weights (here a
+    # jax.tree_util.Partial's array), a new grid of the same length, new noise -> no recompilation.
+    def scaled(scale, x, t, cond):
+        return scale * EPS(x, t, cond)
+
+    x_T = jax.random.normal(jax.random.key(19), (32, 2))
+    settings = dict(sampler="ddim", schedule=SCHEDULE, steps=7, parameterization="eps")
+    one = sample(jax.tree_util.Partial(scaled, jnp.float32(1.0)), x_T, **settings)
+    before = samplers._scan._cache_size()
+    half = sample(jax.tree_util.Partial(scaled, jnp.float32(0.5)), x_T + 1, spacing="trailing", **settings)
+    assert samplers._scan._cache_size() == before
+    assert not np.allclose(one.x, half.x)
+
+
+def test_clip_x0_keeps_predictions_in_range():
+    x_T = jax.random.normal(jax.random.key(20), (64, 2))
+    result = _run("ddim", x_T, 10, clip_x0=True, return_trajectory=True)
+    assert float(jnp.abs(result.x0s).max()) <= 1.0 and float(jnp.abs(result.x).max()) <= 1.0
+
+
+BAD = [
+    (dict(sampler="dpm_fast"), "unknown sampler"),
+    (dict(parameterization="epsilon"), "unknown parameterization"),
+    (dict(parameterization="velocity"), "needs a denoiser predicting eps"),
+    (dict(steps=0), "steps must be a whole number"),
+    (dict(steps=1001), "at most the schedule's 1000"),
+    (dict(steps=2.5), "steps must be a whole number"),
+    (dict(spacing="karras"), "takes spacing"),
+    (dict(offset=1, spacing="trailing"), "offset applies only"),
+    (dict(eta=1.5), "eta must be in"),
+    (dict(churn=1.0), "has no option churn"),
+    (dict(schedule=None), "needs the schedule"),
+    (dict(shift=3.0), "shift applies to the flow samplers"),
+    (dict(sampler="ddpm", key=None), "pass key="),
+    (dict(sampler="ddpm", variance="learned"), "variance must be one of"),
+    (dict(sampler="flow_euler", parameterization="velocity"), "pass no schedule"),
+    (dict(cond=jnp.zeros(3, jnp.int32)), "one entry per example"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD)
+def test_bad_input_is_one_clear_error_before_compiling(change, message):
+    settings = dict(sampler="ddim", schedule=SCHEDULE, steps=10, parameterization="eps", key=jax.random.key(0))
+    settings.update(change)
+    before = samplers._scan._cache_size()
+    with pytest.raises(ValueError, match=message):
+        sample(EPS, jnp.zeros((4, 2)), **settings)
+    assert samplers._scan._cache_size() == before
