@@ -1,0 +1,402 @@
+"""The denoising U-Net: the network that learns to undo the forward process.
+
+A U-Net (Ronneberger et al. 2015) in the form diffusion models use (Ho et al.
+2020, Appendix B; Dhariwal & Nichol 2021, Sec. 3):
+
+    x ─ conv_in ─ [down level 0] ──────────────────────────── skip ─┐
+                      │ downsample                                   │
+                  [down level 1] ──────────────────── skip ─┐        │
+                      │ downsample                          │        │
+                  [down level 2] ── middle ── [up level 2] ─┘        │
+                                                  │ upsample         │
+                                              [up level 1] ──────────┘ ...
+                                                  ── norm, SiLU, conv_out ─ prediction
+
+- A level is ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3×3 conv,
+  plus the conditioning vector; then GroupNorm, SiLU, dropout, 3×3 conv), each
+  followed by self-attention when the level's resolution is listed in
+  ``attention_resolutions``. The middle has two blocks with attention between.
+- The output of each down level is concatenated onto the input of its up level
+  (the skip connections that give a U-Net its name).
+- The noise level enters through the conditioning vector: a sinusoidal
+  embedding of the timestep (Vaswani et al. 2017, Sec. 3.5) passed through an
+  MLP, plus a learned embedding of the class label, added into every block.
+  Label ``num_classes`` is the extra "null" label; training replaces real labels
+  by it with a small probability, so one model serves classifier-free guidance
+  (Ho & Salimans 2021).
+- The residual branches, the attention output and the output convolution start
+  at zero (Dhariwal & Nichol 2021 do the same), so at initialisation every
+  block is the identity and the network predicts 0.
+
+Time. ``t`` is a float array of shape (B,) (or a scalar). For a DDPM-style
+model it is the schedule's timestep, 0 .. T-1, fractional values allowed
+(sigma-space samplers need them). For a flow model (``parameterization =
+"velocity"``) it is the flow time in [0, 1]; it is multiplied by 1000 before
+the embedding (``FLOW_TIME_SCALE``) so that both kinds of model see their
+times spread over the same range of sinusoid frequencies.
+
+Sizes. Inputs of shape (B, H, W, C) with H = W = ``image_size``. Each level
+halves the resolution, so the image is zero-padded up to a multiple of
+2^(levels - 1) on entry and the output cropped back: 28×28 digits with three
+levels run at 28, 14, 7; with four levels at 32, 16, 8, 4.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion.forward import PARAMETERIZATIONS
+
+FLOW_TIME_SCALE = 1000.0
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
+    """Sinusoidal embedding of (possibly fractional) times t, shape (B,) -> (B, dim).
+
+    Half the features are cos(t * f_k), half sin(t * f_k), with frequencies
+    f_k = max_period^(-k / (dim/2)) spread geometrically from 1 down to
+    1 / max_period: the positional encoding of Vaswani et al. 2017, Sec. 3.5,
+    used for diffusion timesteps by Ho et al. 2020 (Appendix B).
+    """
+    half = dim // 2
+    frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = t.astype(jnp.float32)[:, None] * frequencies[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class ResBlock(nnx.Module):
+    """h = skip(x) + conv(dropout(silu(norm(conv(silu(norm(x))) + W emb)))), the residual block of Ho et al. 2020."""
+
+    def __init__(self, in_channels, out_channels, emb_dim, *, dropout, norm_groups, dtype, rngs):
+        self.norm1 = nnx.GroupNorm(in_channels, norm_groups, rngs=rngs)
+        self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
+        self.emb_proj = nnx.Linear(emb_dim, out_channels, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.GroupNorm(out_channels, norm_groups, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+        self.conv2 = nnx.Conv(
+            out_channels, out_channels, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs
+        )
+        # A 1×1 convolution matches the channels of the shortcut when they change.
+        self.skip = (
+            nnx.Conv(in_channels, out_channels, (1, 1), dtype=dtype, rngs=rngs) if in_channels != out_channels else None
+        )
+
+    def __call__(self, x, emb, rngs):
+        h = self.conv1(nnx.silu(self.norm1(x)))
+        h = h + self.emb_proj(nnx.silu(emb))[:, None, None, :]
+        h = nnx.silu(self.norm2(h))
+        h = self.dropout(h, deterministic=rngs is None, rngs=rngs)
+        h = self.conv2(h)
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention over the H×W positions, with a residual connection.
+
+    softmax(q kᵀ / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1), on
+    GroupNorm-ed features; used at low resolutions, where positions are few.
+    """
+
+    def __init__(self, channels, *, num_heads, norm_groups, dtype, rngs):
+        self.num_heads = num_heads
+        self.norm = nnx.GroupNorm(channels, norm_groups, rngs=rngs)
+        self.qkv = nnx.Linear(channels, 3 * channels, dtype=dtype, rngs=rngs)
+        self.out = nnx.Linear(channels, channels, dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        q, k, v = jnp.split(
+            self.qkv(self.norm(x)).reshape(B, H * W, 3 * self.num_heads, C // self.num_heads), 3, axis=2
+        )
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(C // self.num_heads)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        h = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, H, W, C)
+        return x + self.out(h)
+
+
+class Level(nnx.Module):
+    """``num_res_blocks`` residual blocks at one resolution, each optionally followed by attention."""
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        emb_dim,
+        *,
+        num_res_blocks,
+        attention,
+        num_heads,
+        dropout,
+        norm_groups,
+        dtype,
+        rngs,
+    ):
+        common = dict(norm_groups=norm_groups, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                ResBlock(in_channels if i == 0 else out_channels, out_channels, emb_dim, dropout=dropout, **common)
+                for i in range(num_res_blocks)
+            ]
+        )
+        self.attentions = nnx.List(
+            [Attention(out_channels, num_heads=num_heads, **common) for _ in range(num_res_blocks)] if attention else []
+        )
+
+    def __call__(self, x, emb, rngs):
+        for i, block in enumerate(self.blocks):
+            x = block(x, emb, rngs)
+            if self.attentions:
+                x = self.attentions[i](x)
+        return x
+
+
+def _upsample(x):
+    """Nearest-neighbour ×2: every pixel becomes a 2×2 block."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class UNet(nnx.Module):
+    """A class-conditional denoising U-Net (see the module docstring for the layout).
+
+    Args:
+        image_size: height = width of the inputs (28 for digits, 32 for CIFAR, 8 for a latent).
+        in_channels: channels of the inputs, and of the prediction.
+        channels: feature channels of the first level; level i has ``channels * channel_mult[i]``.
+        channel_mult: one multiplier per level; the number of levels is its length.
+        num_res_blocks: residual blocks per level, on the way down and on the way up.
+        attention_resolutions: resolutions (of the padded input, halved per level) that get self-attention.
+        num_heads: attention heads; must divide the channels of every level with attention.
+        dropout: dropout rate inside the residual blocks (active only when ``dropout_key`` is given).
+        num_classes: class labels 0 .. num_classes-1, plus the null label ``num_classes``; 0 = unconditional.
+        norm_groups: GroupNorm groups; must divide every level's channels.
+        parameterization: what the output means: "eps", "x0", "v" or (flow models) "velocity".
+        compute_dtype: "float32", or "bfloat16" for matmuls and convolutions on accelerators
+            (parameters, normalisation and softmax stay float32).
+        rngs: the random initialisation, e.g. ``nnx.Rngs(0)``.
+
+    Every setting is checked here, so a bad one fails with a ValueError before anything compiles.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        in_channels: int,
+        channels: int = 32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks: int = 1,
+        attention_resolutions=(7,),
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        norm_groups: int = 8,
+        parameterization: str = "eps",
+        compute_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
+        check_architecture(
+            image_size=image_size,
+            in_channels=in_channels,
+            channels=channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            num_heads=num_heads,
+            dropout=dropout,
+            num_classes=num_classes,
+            norm_groups=norm_groups,
+            parameterization=parameterization,
+            compute_dtype=compute_dtype,
+        )
+        dtype = COMPUTE_DTYPES[compute_dtype]
+        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        self.parameterization = parameterization
+        self.time_scale = FLOW_TIME_SCALE if parameterization == "velocity" else 1.0
+        self.padded_size = padded_size(image_size, len(channel_mult))
+        self.channels = channels
+
+        emb_dim = 4 * channels
+        self.time_mlp1 = nnx.Linear(channels, emb_dim, dtype=dtype, rngs=rngs)
+        self.time_mlp2 = nnx.Linear(emb_dim, emb_dim, dtype=dtype, rngs=rngs)
+        self.label_emb = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs) if num_classes else None
+
+        common = dict(norm_groups=norm_groups, dtype=dtype, rngs=rngs)
+        block = dict(dropout=dropout, **common)
+        level = dict(num_res_blocks=num_res_blocks, num_heads=num_heads, **block)
+        widths = [channels * m for m in channel_mult]
+        resolutions = [self.padded_size // 2**i for i in range(len(widths))]
+        attends = [r in attention_resolutions for r in resolutions]
+
+        self.conv_in = nnx.Conv(in_channels, channels, (3, 3), dtype=dtype, rngs=rngs)
+        self.down, self.downsample = nnx.List(), nnx.List()
+        previous = channels
+        for i, width in enumerate(widths):
+            self.down.append(Level(previous, width, emb_dim, attention=attends[i], **level))
+            if i < len(widths) - 1:
+                self.downsample.append(nnx.Conv(width, width, (3, 3), strides=2, dtype=dtype, rngs=rngs))
+            previous = width
+
+        self.mid1 = ResBlock(widths[-1], widths[-1], emb_dim, **block)
+        self.mid_attention = Attention(widths[-1], num_heads=num_heads, **common)
+        self.mid2 = ResBlock(widths[-1], widths[-1], emb_dim, **block)
+
+        # Up levels mirror the down levels, from the lowest resolution to the
+        # highest; each takes the features from below concatenated with the
+        # output of its down level, and the upsampling conv adapts the width.
+        self.up, self.upsample = nnx.List(), nnx.List()
+        for i in reversed(range(len(widths))):
+            self.up.append(Level(2 * widths[i], widths[i], emb_dim, attention=attends[i], **level))
+            if i > 0:
+                self.upsample.append(nnx.Conv(widths[i], widths[i - 1], (3, 3), dtype=dtype, rngs=rngs))
+
+        self.norm_out = nnx.GroupNorm(widths[0], norm_groups, rngs=rngs)
+        self.conv_out = nnx.Conv(
+            widths[0], in_channels, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs
+        )
+
+    def __call__(self, x, t, labels=None, *, dropout_key=None):
+        """The prediction (of kind ``self.parameterization``) for noisy images x at times t.
+
+        x: (B, H, W, C); t: (B,) or scalar floats (see the module docstring);
+        labels: (B,) ints in 0 .. num_classes, None for the null label (unconditional);
+        dropout_key: a PRNG key during training, None (no dropout) for sampling.
+        """
+        B, H, W, C = x.shape
+        if (H, W, C) != (self.image_size, self.image_size, self.in_channels):
+            raise ValueError(
+                f"this U-Net takes images of shape (B, {self.image_size}, {self.image_size}, {self.in_channels}); "
+                f"got {x.shape}"
+            )
+        if labels is not None and not self.num_classes:
+            raise ValueError("this U-Net is unconditional (num_classes=0); call it with labels=None")
+
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (B,))
+        emb = self.time_mlp2(nnx.silu(self.time_mlp1(timestep_embedding(t * self.time_scale, self.channels))))
+        if self.label_emb is not None:
+            labels = jnp.full((B,), self.num_classes) if labels is None else jnp.asarray(labels)
+            emb = emb + self.label_emb(labels)
+        # Each dropout layer draws its own key from this stream.
+        rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
+
+        lo, hi = (self.padded_size - H) // 2, (self.padded_size - H + 1) // 2
+        h = self.conv_in(jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0))))
+        skips = []
+        for i, level in enumerate(self.down):
+            h = level(h, emb, rngs)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+
+        h = self.mid2(self.mid_attention(self.mid1(h, emb, rngs)), emb, rngs)
+
+        for i, level in enumerate(self.up):
+            h = level(jnp.concatenate([h, skips.pop()], axis=-1), emb, rngs)
+            if i < len(self.upsample):
+                h = self.upsample[i](_upsample(h))
+
+        h = self.conv_out(nnx.silu(self.norm_out(h)))
+        return h[:, lo : lo + H, lo : lo + W, :].astype(jnp.float32)
+
+
+def padded_size(image_size: int, num_levels: int) -> int:
+    """The smallest multiple of 2^(num_levels - 1) that is >= image_size: every level then halves cleanly."""
+    factor = 2 ** (num_levels - 1)
+    return -(-image_size // factor) * factor
+
+
+def check_architecture(
+    *,
+    image_size,
+    in_channels,
+    channels,
+    channel_mult,
+    num_res_blocks,
+    attention_resolutions,
+    num_heads,
+    dropout,
+    num_classes,
+    norm_groups,
+    parameterization,
+    compute_dtype,
+):
+    """Raise a ValueError that says what to change if the U-Net settings do not fit together."""
+
+    def positive_int(name, value):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1 (got {value!r})")
+
+    for name, value in dict(
+        image_size=image_size,
+        in_channels=in_channels,
+        channels=channels,
+        num_res_blocks=num_res_blocks,
+        num_heads=num_heads,
+        norm_groups=norm_groups,
+    ).items():
+        positive_int(name, value)
+    if not channel_mult:
+        raise ValueError("channel_mult needs at least one level, e.g. (1, 2, 2)")
+    for m in channel_mult:
+        positive_int("each channel_mult entry", m)
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a whole number >= 0 (got {num_classes!r}); 0 means unconditional")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1) (got {dropout})")
+    if parameterization not in PARAMETERIZATIONS or parameterization == "score":
+        raise ValueError(f"parameterization must be one of eps, x0, v, velocity (got {parameterization!r})")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} (got {compute_dtype!r})")
+    size = padded_size(image_size, len(channel_mult))
+    resolutions = [size // 2**i for i in range(len(channel_mult))]
+    if resolutions[-1] < 2:
+        raise ValueError(
+            f"{len(channel_mult)} levels halve a {image_size}×{image_size} input below 2×2; "
+            "use fewer channel_mult entries"
+        )
+    unknown = [r for r in attention_resolutions if r not in resolutions]
+    if unknown:
+        raise ValueError(
+            f"attention_resolutions {unknown} match no level; for this image_size and channel_mult "
+            f"the levels run at {resolutions}"
+        )
+    for width, resolution in zip([channels * m for m in channel_mult], resolutions):
+        if width % norm_groups:
+            raise ValueError(
+                f"norm_groups={norm_groups} does not divide the {width} channels at resolution {resolution}"
+            )
+        if resolution in attention_resolutions and width % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} does not divide the {width} channels of the attention "
+                f"at resolution {resolution}"
+            )
+    if channels * channel_mult[-1] % num_heads:
+        raise ValueError(
+            f"num_heads={num_heads} does not divide the {channels * channel_mult[-1]} channels of the middle attention"
+        )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _denoise(graphdef, state, x, t, cond=None):
+    return nnx.merge(graphdef, state)(x, t, cond)
+
+
+def as_denoiser(model: UNet):
+    """The model as the samplers' denoiser: returns ``(denoiser, parameterization)``.
+
+    ``denoiser(x, t, cond=None) -> prediction`` runs the model without dropout,
+    compiled once per architecture and input shape; ``t`` is the model's time
+    (a possibly fractional timestep of the schedule, or flow time in [0, 1])
+    and ``cond`` the class labels (``model.num_classes`` or None for the null
+    label). It is a ``jax.tree_util.Partial`` holding the weights as pytree
+    leaves, so a sampler's compiled program takes them as arguments rather
+    than baking them in. The parameterization says how to read the prediction.
+    """
+    graphdef, state = nnx.split(model)
+    return jax.tree_util.Partial(_denoise, graphdef, state), model.parameterization
