@@ -121,6 +121,11 @@ class Config:
         _validate(self)
 
     @property
+    def noise_schedule(self) -> Schedule:
+        """The schedule of the forward process this run trains on (unused by flow models)."""
+        return Schedule(self.schedule, self.num_timesteps, zero_terminal_snr=self.zero_terminal_snr)
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
@@ -372,7 +377,7 @@ def objective(config: Config):
         )
     return functools.partial(
         losses.denoising_loss,
-        schedule=Schedule(config.schedule, config.num_timesteps, zero_terminal_snr=config.zero_terminal_snr),
+        schedule=config.noise_schedule,
         parameterization=config.parameterization,
         min_snr_gamma=config.min_snr_gamma or None,
     )
@@ -538,8 +543,7 @@ def sample_grid(model: UNet, config: Config, per_class: int = 4) -> np.ndarray:
     if kind == "velocity":
         run = dict(sampler="flow_euler")
     else:
-        schedule = Schedule(config.schedule, config.num_timesteps, zero_terminal_snr=config.zero_terminal_snr)
-        run = dict(sampler="ddim", schedule=schedule, spacing="trailing")
+        run = dict(sampler="ddim", schedule=config.noise_schedule, spacing="trailing")
     x = samplers.sample(denoiser, x_T, steps=config.sample_steps, parameterization=kind, cond=cond, **run).x
     return plotting.image_grid(np.asarray(x), ncols=per_class)
 
