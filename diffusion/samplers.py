@@ -336,7 +336,8 @@ def euler_ancestral_step(slope, grid, state, i, key, *, eta=1.0):
     sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
     d, x0 = slope(x, sigma)
     sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
+    # Clamped at 0: when sigma_up = sigma_next, rounding (a fused multiply-add) can leave a tiny negative.
+    sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))
     x = x + d * (sigma_down - sigma)
     return (x + sigma_up * _normal(key, x) if eta > 0 else x, None), x0
 

@@ -321,3 +321,13 @@ def test_bad_input_is_one_clear_error_before_compiling(change, message):
     with pytest.raises(ValueError, match=message):
         sample(EPS, jnp.zeros((4, 2)), **settings)
     assert samplers._scan._cache_size() == before
+
+
+def test_euler_ancestral_stays_finite_when_the_first_sigma_is_huge():
+    # Cosine schedule, 3 steps: sigma falls from 4096 to 1.01, so sigma_up equals sigma_next and
+    # sigma_next^2 - sigma_up^2 must not round to a small negative under the square root.
+    schedule = Schedule("cosine")
+    exact = mixture.exact_denoiser(RING, schedule, "v")
+    x = jax.random.normal(jax.random.key(0), (64, 2))
+    result = samplers.sample(exact, x, sampler="euler_a", schedule=schedule, steps=3, parameterization="v", key=jax.random.key(1))
+    assert np.all(np.isfinite(np.asarray(result.x)))
