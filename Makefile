@@ -19,8 +19,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The main job: train the cpu preset into runs/default (or finish an interrupted
+# run there), then draw a grid of digits into outputs/.
 demo: $(STAMP)
-	$(BIN)/python -m diffusion.demo
+	@if ls runs/default/checkpoints/step_* >/dev/null 2>&1; then \
+		$(BIN)/python train.py --resume; \
+	else \
+		$(BIN)/python train.py; \
+	fi
+	$(BIN)/python sample.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -228,20 +228,7 @@ def _validate(c: Config):
         c.dataset in data.DATASET_NAMES, f"unknown dataset {c.dataset!r}; choose one of {', '.join(data.DATASET_NAMES)}"
     )
     try:
-        check_architecture(
-            image_size=c.image_size,
-            in_channels=c.in_channels,
-            channels=c.channels,
-            channel_mult=c.channel_mult,
-            num_res_blocks=c.num_res_blocks,
-            attention_resolutions=c.attention_resolutions,
-            num_heads=c.num_heads,
-            dropout=c.dropout,
-            num_classes=c.num_classes,
-            norm_groups=c.norm_groups,
-            parameterization=c.parameterization,
-            compute_dtype=c.compute_dtype,
-        )
+        check_architecture(**{name: getattr(c, name) for name in UNET_FIELDS})
     except ValueError as err:
         raise ConfigError(str(err)) from None
     need(c.schedule in BETA_SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
