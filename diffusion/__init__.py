@@ -13,7 +13,9 @@ One idea per module:
 - ``training``   configuration and presets, the compiled train step, EMA, devices, the training loop
 - ``checkpoint`` atomic, pickle-free checkpoints, the last K kept
 - ``data``       the embedded MNIST digits, full MNIST / Fashion-MNIST downloads, 2-D toys
+- ``generate``   what sample.py does: settings stored in PNGs, seeds and slerp, edits, trajectories
 - ``classifier`` a small digit classifier, the judge behind the quality metrics
 - ``metrics``    classifier accuracy and FID, precision / recall, sliced Wasserstein, mode weights
 - ``plotting``   image grids for notebooks and scripts
+- ``notebook``   what the notebooks share: the fast-mode switch and a trained model
 """

@@ -47,7 +47,5 @@ def trained_model(fast: bool = FAST):
         if checkpoint.latest(config.run_dir / "checkpoints") is None:
             training.train(config)
         default = config.run_dir
-    path = checkpoint.latest(default / "checkpoints")
-    config = training.config_from_dict(checkpoint.read_json(path, "config.json"))
-    return training.load_model(path), config
+    return training.load_model(default), training.load_config(default)
 

@@ -447,6 +447,22 @@ def check_compatible(saved: dict, config: Config, where) -> None:
             )
 
 
+def find_checkpoint(path) -> Path:
+    """``path`` itself if it is a checkpoint folder, else the last checkpoint of the run folder ``path``."""
+    path = Path(path)
+    if (path / "state.npz").exists():
+        return path
+    found = checkpoint.latest(path / "checkpoints")
+    if found is None:
+        raise ConfigError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
+    return found
+
+
+def load_config(path) -> Config:
+    """The resolved config saved with a checkpoint (or with the last checkpoint of a run folder)."""
+    return config_from_dict(checkpoint.read_json(find_checkpoint(path), "config.json"))
+
+
 def load_model(path, ema: bool = True) -> UNet:
     """The U-Net saved in a checkpoint folder, or in the last checkpoint of a run folder.
 
@@ -454,14 +470,8 @@ def load_model(path, ema: bool = True) -> UNet:
     copy meant for sampling; ``ema=False`` the raw trained weights. Pair with
     ``diffusion.unet.as_denoiser`` to sample.
     """
-    path = Path(path)
-    if not (path / "state.npz").exists():
-        found = checkpoint.latest(path / "checkpoints")
-        if found is None:
-            raise ConfigError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
-        path = found
-    config = config_from_dict(checkpoint.read_json(path, "config.json"))
-    graphdef, template = nnx.split(nnx.eval_shape(lambda: make_model(config, nnx.Rngs(0))))
+    path = find_checkpoint(path)
+    graphdef, template = nnx.split(nnx.eval_shape(lambda: make_model(load_config(path), nnx.Rngs(0))))
     return nnx.merge(graphdef, checkpoint.load(path, template, prefix="ema" if ema else "params"))
 
 
