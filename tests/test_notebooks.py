@@ -14,11 +14,16 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, "no notebooks found in notebooks/"
 
 
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """One scratch runs folder for all notebooks: the tiny model the first one trains serves the others."""
+    return tmp_path_factory.mktemp("runs")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_fast_mode(path, monkeypatch, tmp_path):
+def test_notebook_runs_in_fast_mode(path, monkeypatch, runs_dir):
     monkeypatch.setenv("DIFFUSION_FAST", "1")
-    # Anything a notebook writes (checkpoints it trains in fast mode) goes to a scratch folder.
-    monkeypatch.setenv("DIFFUSION_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("DIFFUSION_RUNS_DIR", str(runs_dir))
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, with the failing cell's traceback, on any error
