@@ -51,13 +51,13 @@ def test_guidance_rescale_matches_the_conditional_standard_deviation():
     np.testing.assert_allclose(half, 0.5 * full + 0.5 * guided, rtol=1e-5)
 
 
-def test_negative_condition_moves_mass_away_from_its_class():
+def test_negative_condition_moves_mass_away_from_its_class(report):
     x_T = jax.random.normal(jax.random.key(2), (1000, 2))
     settings = dict(sampler="ddim", schedule=SCHEDULE, steps=50, parameterization="eps")
     unconditional = sample(EPS, x_T, cond=jnp.full((1000,), NULL), **settings).x
     away_from_one = sample(classifier_free_guidance(EPS, 2.0, 1), x_T, cond=jnp.full((1000,), NULL), **settings).x
-    print(f"\nclass-1 share: unguided {_class_one_share(unconditional):.3f}, negative=1 at scale 2 "
-          f"{_class_one_share(away_from_one):.3f}")
+    report("negative condition", f"class-1 share: unguided {_class_one_share(unconditional):.3f}, negative=1 at scale 2 "
+           f"{_class_one_share(away_from_one):.3f}")
     assert abs(_class_one_share(unconditional) - 0.5) < 0.05
     assert _class_one_share(away_from_one) < 0.4
 
@@ -129,7 +129,7 @@ def test_inpainting_keeps_the_known_region(name):
     assert float(jnp.abs(result.x[:, 1]).max()) < 4.0  # generated inside the ring, not copied from x_known
 
 
-def test_repaint_resampling_brings_the_generated_region_closer_to_the_true_conditional():
+def test_repaint_resampling_brings_the_generated_region_closer_to_the_true_conditional(report):
     # Given x = 2, the ring's only plausible mode is (2, 0): y should be near 0. Plain replacement
     # often commits to a neighbouring mode; RePaint's resampling harmonises the two regions.
     x_T = jax.random.normal(jax.random.key(9), (1000, 2))
@@ -140,7 +140,7 @@ def test_repaint_resampling_brings_the_generated_region_closer_to_the_true_condi
         assert result.nfe == resample * 49 + 1
         np.testing.assert_array_equal(result.x[:, 0], KNOWN[:, 0])
         near_zero[resample] = float(jnp.mean(jnp.abs(result.x[:, 1]) < 0.5))
-    print(f"\nshare of |y| < 0.5 given x = 2: replacement {near_zero[1]:.2f}, RePaint U=10 {near_zero[10]:.2f}")
+    report("RePaint", f"share of |y| < 0.5 given x = 2: replacement {near_zero[1]:.2f}, RePaint U=10 {near_zero[10]:.2f}")
     assert near_zero[10] > near_zero[1] + 0.15
 
 
@@ -160,7 +160,7 @@ def test_inpainting_errors_are_clear():
 # --- DDIM inversion --------------------------------------------------------------------------
 
 
-def test_ddim_inversion_then_sampling_returns_the_input():
+def test_ddim_inversion_then_sampling_returns_the_input(report):
     x0, _ = mixture.sample(RING, jax.random.key(11), 256)
     error = {}
     for steps in (20, 200):
@@ -169,7 +169,7 @@ def test_ddim_inversion_then_sampling_returns_the_input():
         assert abs(float(jnp.std(latent.x)) - 1.0) < 0.3  # it is noise-like
         back = sample(EPS, latent.x, sampler="ddim", **settings).x
         error[steps] = float(jnp.sqrt(jnp.mean(jnp.sum((back - x0) ** 2, axis=1))))
-    print(f"\nDDIM inversion round trip, RMS error: 20 steps {error[20]:.4f}, 200 steps {error[200]:.4f}")
+    report("DDIM inversion", f"DDIM inversion round trip, RMS error: 20 steps {error[20]:.4f}, 200 steps {error[200]:.4f}")
     assert error[200] < 0.02 and error[200] < error[20] / 4
     with pytest.raises(ValueError, match="eta"):
         editing.ddim_invert(EPS, x0, schedule=SCHEDULE, steps=20, parameterization="eps", eta=0.5)

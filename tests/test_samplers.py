@@ -87,7 +87,7 @@ def _flow_solution(x_T, t_end=1e-6):
     return np.asarray(x0_hat(solution.y[:, -1].reshape(shape), t_end))
 
 
-def test_deterministic_samplers_converge_to_the_ode_solution_at_their_order():
+def test_deterministic_samplers_converge_to_the_ode_solution_at_their_order(report):
     with jax.enable_x64(True):
         x_T = np.asarray(jax.random.normal(jax.random.key(0), (64, 2), jnp.float64))
         reference = {"diffusion": _probability_flow_solution(x_T), "flow": _flow_solution(x_T)}
@@ -110,8 +110,8 @@ def test_deterministic_samplers_converge_to_the_ode_solution_at_their_order():
             if not (0.9 <= order <= 1.15 if expected == 1 else 1.8 <= order <= 2.2):
                 failures.append(f"{name}: observed order {order:.2f}, expected about {expected}")
     header = f"{'sampler':16s} " + " ".join(f"{'N=' + str(n):>9s}" for n in ORDER_STEPS) + "   order   expected"
-    print("\nRMS error against the ODE solution (float64, 64 particles of the 8-Gaussian ring):")
-    print("\n".join([header, *rows]))
+    report("orders of accuracy: RMS error against the ODE solution (float64, 64 particles, 8-Gaussian ring)",
+           "\n".join([header, *rows]))
     assert not failures, failures
 
 
@@ -133,7 +133,7 @@ SW_TOLERANCE = 0.1  # sliced W1 to 2000 true samples; two true sets of 2000 diff
 WEIGHT_TOLERANCE = 0.03  # per mode, about 4 standard errors at n = 2000 (true weight 1/8)
 
 
-def test_long_and_good_samplers_reproduce_the_mixture_and_5_steps_do_not():
+def test_long_and_good_samplers_reproduce_the_mixture_and_5_steps_do_not(report):
     n = 2000
     x_T = jax.random.normal(jax.random.key(2), (n, 2))
     truth, _ = mixture.sample(RING, jax.random.key(3), n)
@@ -146,7 +146,7 @@ def test_long_and_good_samplers_reproduce_the_mixture_and_5_steps_do_not():
             assert distance[name, steps] < SW_TOLERANCE, (name, steps, distance)
             np.testing.assert_allclose(weights, 1 / 8, atol=WEIGHT_TOLERANCE, err_msg=f"{name} {steps}")
         assert np.all(weights > 0.05), f"{name} {steps}: a mode is missing: {weights}"
-    print("\nsliced W1 to the true mixture:", {f"{k[0]} {k[1]}": round(v, 3) for k, v in distance.items()})
+    report("sliced W1 to the true mixture (sampler, steps)", str({f"{k[0]} {k[1]}": round(v, 3) for k, v in distance.items()}))
     assert distance["dpmpp_2m", 5] > 3 * distance["dpmpp_2m", 20]
 
 
