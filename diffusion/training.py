@@ -280,11 +280,14 @@ def make_config(preset: str = "cpu", **overrides) -> Config:
     if unknown:
         raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
     if overrides.get("resume"):
-        ckpt_dir = Path(overrides.get("runs_dir", Config.runs_dir)) / overrides.get("name", Config.name) / "checkpoints"
+        # The run continues in the folder it is resumed from, even if it was renamed or moved since.
+        folder = dict(runs_dir=overrides.get("runs_dir", Config.runs_dir), name=overrides.get("name", Config.name))
+        ckpt_dir = Path(folder["runs_dir"]) / folder["name"] / "checkpoints"
         last = checkpoint.latest(ckpt_dir)
         if last is None:
             raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
-        return dataclasses.replace(config_from_dict(checkpoint.read_json(last, "config.json")), **overrides)
+        saved = config_from_dict(checkpoint.read_json(last, "config.json"))
+        return dataclasses.replace(saved, **{**folder, **overrides})
     return Config(**{**PRESETS[preset], **overrides})
 
 

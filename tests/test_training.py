@@ -383,3 +383,14 @@ def test_two_devices_give_the_same_parameters_as_one(tmp_path):
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert int(two.step) == 3
+
+
+def test_a_renamed_run_resumes_in_its_new_folder(tmp_path):
+    # A run trained as "old", then copied to the default folder: `train.py --resume` (no --name)
+    # must continue in the default folder, not go back to the name inside config.json.
+    saved = training.make_config("tiny", name="old", runs_dir=str(tmp_path))
+    folder = tmp_path / training.Config.name
+    checkpoint.save(folder / "checkpoints", 5, {"w": np.zeros(2)}, saved.to_dict(), {"data_position": 5}, keep=1)
+    resumed = training.make_config("tiny", resume=True, runs_dir=str(tmp_path))
+    assert resumed.run_dir == folder
+    assert resumed.channels == saved.channels
