@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test notebooks venv clean
+.PHONY: demo test notebooks bench venv clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,12 @@ test: $(STAMP)
 # Re-run every notebook in full mode and store its outputs (figures) in place.
 notebooks: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=7200 notebooks/[0-9][0-9]_*.ipynb
+
+# Time the train step and the samplers' forward pass against the same U-Net in
+# eager PyTorch (benchmarks/bench_train.py); PyTorch is installed for this only.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs outputs
