@@ -92,13 +92,13 @@ class Config:
     schedule: str = "cosine"
     num_timesteps: int = 1000
     zero_terminal_snr: bool = False
-    min_snr_gamma: float = 5.0  # 0 turns the min-SNR weighting off
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma weighting (5 is usual); 0 = off (see docs/training.md)
     flow_logit_mean: float = 0.0
     flow_logit_std: float = 1.0
     label_dropout: float = 0.1
     # Optimisation
-    batch_size: int = 128
-    steps: int = 1200
+    batch_size: int = 64
+    steps: int = 1600
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
@@ -109,7 +109,7 @@ class Config:
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host runs)
     # Output
     log_every: int = 50
-    checkpoint_every: int = 500
+    checkpoint_every: int = 400
     keep_checkpoints: int = 3
     sample_every: int = 400  # a grid of samples from the EMA model every this many steps (and at the end); 0 = never
     sample_steps: int = 25  # DDIM (trailing spacing) or flow Euler steps for the grid
@@ -183,6 +183,7 @@ PRESETS = {
         num_heads=4,
         norm_groups=32,
         dropout=0.1,
+        min_snr_gamma=5.0,
         batch_size=256,
         steps=30_000,
         learning_rate=5e-4,

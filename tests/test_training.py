@@ -117,7 +117,7 @@ def test_logit_normal_times():
         (dict(warmup_steps=20), r"warmup_steps \(20\) must be fewer than steps \(20\)"),
         (dict(attention_resolutions=(8,)), r"levels run at \[28, 14\]"),
         (dict(parameterization="eps", zero_terminal_snr=True), "needs parameterization v or x0"),
-        (dict(parameterization="velocity"), "set --min-snr-gamma 0"),
+        (dict(parameterization="velocity", min_snr_gamma=5.0), "set --min-snr-gamma 0"),
         (dict(schedule="quadratic"), "unknown schedule"),
         (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
         (dict(label_dropout=1.5), "label_dropout"),
@@ -136,9 +136,9 @@ def test_command_line_flags_override_the_preset(monkeypatch, tmp_path):
     import train
 
     config = train.parse_flags(
-        ["--preset", "tiny", "--channel-mult", "1,2", "--learning-rate", "1e-3", "--min-snr-gamma", "0"]
+        ["--preset", "tiny", "--channel-mult", "1,2", "--learning-rate", "1e-3", "--min-snr-gamma", "2.5"]
     )
-    assert config == training.make_config("tiny", channel_mult=(1, 2), learning_rate=1e-3, min_snr_gamma=0.0)
+    assert config == training.make_config("tiny", channel_mult=(1, 2), learning_rate=1e-3, min_snr_gamma=2.5)
     assert train.parse_flags([]) == training.Config()  # the default is the cpu preset
     assert train.main(["--preset", "tiny", "--learning-rate", "-1", "--runs-dir", str(tmp_path)]) == 1
     assert not (tmp_path / "default").exists()
