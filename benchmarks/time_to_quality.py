@@ -1,0 +1,150 @@
+"""How good are the digits after how many minutes of training? The time-to-quality curve.
+
+    .venv/bin/python benchmarks/time_to_quality.py [--preset cpu] [--every 200] [--n 500] [--set field=value ...]
+
+Trains a preset exactly as ``train.py`` does (same XLA flags, same loop,
+checkpoints, sample grids and all) in a scratch run folder, noting the wall
+clock at every step from the moment training is called (so data loading,
+model building and compiling count), and keeps a checkpoint every ``--every``
+steps. Afterwards (not timed) each checkpoint's EMA weights draw ``--n``
+digits with the settings ``sample.py`` uses by default, and
+``diffusion.metrics.evaluate_digits`` judges them: classifier accuracy and
+classifier FID beside the real-vs-real floor at the same n.
+
+Prints the curve as a table; with ``--out PREFIX`` also writes PREFIX.md (the
+table, the machine and the command) and PREFIX.png (accuracy and FID against
+minutes). ``--set`` changes training fields for recipe experiments, e.g.
+``--set learning_rate=3e-3 --set batch_size=64``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402  (sets the XLA flags train.py trains with, before JAX starts)
+
+import jax  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from diffusion import generate, metrics, training  # noqa: E402
+
+
+def parse_value(text: str, default):
+    """A --set value in the type of the field's default."""
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(default, tuple):
+        return tuple(int(v) for v in text.split(",") if v)
+    return type(default)(text)
+
+
+def make_run_config(args, runs_dir: str) -> training.Config:
+    """The preset with --set overrides, in a scratch folder, keeping every --every-th checkpoint."""
+    defaults = training.make_config(args.preset)
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(defaults, name):
+            raise SystemExit(f"--set {item}: no training field {name!r}; see train.py --help")
+        overrides[name] = parse_value(value, getattr(defaults, name))
+    return training.make_config(
+        args.preset,
+        **overrides,
+        name="time_to_quality",
+        runs_dir=runs_dir,
+        checkpoint_every=args.every,
+        keep_checkpoints=10_000,
+    )
+
+
+def train_timed(config: training.Config) -> dict[int, float]:
+    """Train ``config``; returns {step: seconds since training was called, at the end of that step}."""
+    started, seconds = time.perf_counter(), {}
+    training.train(config, callback=lambda step, _: seconds.__setitem__(step, time.perf_counter() - started))
+    return seconds
+
+
+def judge(path: Path, n: int, settings: dict) -> dict:
+    """Accuracy and classifier FID of n digits from one checkpoint, drawn with sample.py's default settings."""
+    ckpt = generate.open_checkpoint(path)
+    classes = ckpt.config.num_classes
+    chosen = generate.default_settings(ckpt, seeds=tuple(range(n // classes)), **settings)
+    generation = generate.generate(chosen)
+    return metrics.evaluate_digits(generation.images, list(generation.labels), reference="test")
+
+
+def plot(rows: list[dict], title: str, png: Path) -> None:
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax_acc, ax_fid = fig.subplots(1, 2)
+    minutes = [r["minutes"] for r in rows]
+    ax_acc.plot(minutes, [100 * r["accuracy"] for r in rows], "o-")
+    ax_acc.axhline(95, color="gray", ls="--", lw=1, label="95 % goal")
+    ax_acc.set(xlabel="training time (minutes)", ylabel="classifier accuracy (%)", title="Conditional accuracy")
+    ax_acc.legend()
+    ax_fid.plot(minutes, [r["fid"] for r in rows], "o-", label="generated")
+    ax_fid.plot(minutes, [r["floor"] for r in rows], color="gray", ls="--", lw=1, label="real-vs-real floor")
+    ax_fid.set(xlabel="training time (minutes)", ylabel="classifier FID", title="Classifier FID", yscale="log")
+    ax_fid.legend()
+    fig.suptitle(title)
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu", choices=training.PRESETS)
+    parser.add_argument("--every", type=int, default=200, help="evaluate a checkpoint every this many steps")
+    parser.add_argument("--n", type=int, default=500, help="digits per evaluation (a multiple of 10)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a training field")
+    parser.add_argument("--sampler", help="sampler for the evaluations (default: sample.py's)")
+    parser.add_argument("--steps", type=int, help="sampling steps for the evaluations (default: sample.py's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale for the evaluations (default: sample.py's)")
+    parser.add_argument("--out", help="write OUT.md and OUT.png (e.g. docs/time_to_quality)")
+    args = parser.parse_args(argv)
+    settings = {k: getattr(args, k) for k in ("sampler", "steps", "guidance") if getattr(args, k) is not None}
+
+    with tempfile.TemporaryDirectory() as runs_dir:
+        config = make_run_config(args, runs_dir)
+        seconds = train_timed(config)
+        rows = []
+        for path in sorted((config.run_dir / "checkpoints").glob("step_*")):
+            step = int(path.name.removeprefix("step_"))
+            result = judge(path, args.n, settings)
+            rows.append({"step": step, "minutes": seconds[step] / 60, **result})
+            print(f"step {step:5d}  {rows[-1]['minutes']:5.1f} min  accuracy {result['accuracy']:.3f}  "
+                  f"FID {result['fid']:6.2f} (floor {result['floor']:.2f})", flush=True)
+        used = generate.default_settings(generate.open_checkpoint(path), **settings)
+
+    changed = {k: v for k, v in config.to_dict().items() if v != getattr(training.make_config(args.preset), k)}
+    changed = {k: v for k, v in changed.items() if k not in ("name", "runs_dir", "checkpoint_every", "keep_checkpoints")}
+    described = (
+        f"preset {args.preset}{' with ' + json.dumps(changed) if changed else ''}; "
+        f"{used.sampler} {used.steps} steps, guidance {used.guidance:g}, n = {args.n}"
+    )
+    lines = [
+        "| step | minutes | accuracy | classifier FID | real floor |",
+        "|---:|---:|---:|---:|---:|",
+        *(f"| {r['step']} | {r['minutes']:.1f} | {100 * r['accuracy']:.1f} % | {r['fid']:.1f} | {r['floor']:.1f} |"
+          for r in rows),
+    ]
+    print("\n" + described + "\n" + "\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        machine = f"{platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
+        command = "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        out.with_suffix(".md").write_text(
+            "\n".join([f"# Time to quality\n", f"{described}.\n", f"Machine: {machine}. Command: `{command}`\n", *lines])
+            + "\n"
+        )
+        plot(rows, f"Time to quality: {described}", out.with_suffix(".png"))
+        (out.with_suffix(".jsonl")).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
