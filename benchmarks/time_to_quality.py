@@ -14,10 +14,11 @@ classifier FID beside the real-vs-real floor at the same n.
 Prints the curve as a table; with ``--out PREFIX`` also writes PREFIX.md (the
 table, the machine and the command) and PREFIX.png (accuracy and FID against
 minutes). ``--set`` changes training fields for recipe experiments, e.g.
-``--set learning_rate=3e-3 --set batch_size=64``.
+``--set learning_rate=3e-3 --set batch_size=64`` (any field but the booleans).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -35,31 +36,16 @@ from matplotlib.figure import Figure  # noqa: E402
 from diffusion import generate, metrics, training  # noqa: E402
 
 
-def parse_value(text: str, default):
-    """A --set value in the type of the field's default."""
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(default, tuple):
-        return tuple(int(v) for v in text.split(",") if v)
-    return type(default)(text)
-
-
 def make_run_config(args, runs_dir: str) -> training.Config:
-    """The preset with --set overrides, in a scratch folder, keeping every --every-th checkpoint."""
-    defaults = training.make_config(args.preset)
-    overrides = {}
+    """The preset with the --set overrides read as train.py reads its flags, in a scratch folder,
+    keeping every --every-th checkpoint."""
+    flags = ["--preset", args.preset]
     for item in args.set:
         name, _, value = item.partition("=")
-        if not hasattr(defaults, name):
-            raise SystemExit(f"--set {item}: no training field {name!r}; see train.py --help")
-        overrides[name] = parse_value(value, getattr(defaults, name))
-    return training.make_config(
-        args.preset,
-        **overrides,
-        name="time_to_quality",
-        runs_dir=runs_dir,
-        checkpoint_every=args.every,
-        keep_checkpoints=10_000,
+        flags += [f"--{name.replace('_', '-')}", value]
+    config = train.parse_flags(flags)  # a wrong field or value exits with train.py's usage message
+    return dataclasses.replace(
+        config, name="time_to_quality", runs_dir=runs_dir, checkpoint_every=args.every, keep_checkpoints=10_000
     )
 
 
