@@ -70,14 +70,62 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
+def group_norm(x, scale, bias, groups: int, epsilon: float = 1e-6):
+    """Group normalisation (Wu & He 2018, eqs. 1-3 and Sec. 3.1) of images x, shape (B, H, W, C).
+
+    The C channels form ``groups`` groups of C / groups neighbours; each image's
+    group is normalised by its own mean mu and variance sigma^2 over the group's
+    channels and all H*W positions, then every channel gets its own affine map:
+
+        y = scale * (x - mu) / sqrt(sigma^2 + epsilon) + bias
+
+    Computed as Flax's ``nnx.GroupNorm`` computes it (sigma^2 = E[x^2] - mu^2, in
+    float32; the tests check the two agree), but in an order that suits a CPU:
+    first the per-channel sums of x and x^2 over the positions (a reduction
+    over the middle axis, with the channels contiguous), then the few group
+    totals from those (B, C) sums, and finally one pass y = a x + b with a
+    per-image, per-channel a and b. Differentiating that order gives a
+    backward pass of the same shape: two per-channel sums and one elementwise
+    pass. (Reducing over a (B, H, W, groups, C / groups) view instead, the
+    obvious way, ran 3-7x slower on XLA:CPU, forward and backward.)
+    """
+    B, H, W, C = x.shape
+    x32 = x.astype(jnp.float32)
+    per_channel = functools.partial(jnp.sum, axis=(1, 2))
+    # Group totals of the per-channel sums, repeated back to every channel of the group: (B, C).
+    group_total = lambda sums: jnp.repeat(sums.reshape(B, groups, C // groups).sum(-1), C // groups, axis=-1)
+    count = H * W * (C // groups)
+    mean = group_total(per_channel(x32)) / count
+    variance = jnp.maximum(group_total(per_channel(jnp.square(x32))) / count - jnp.square(mean), 0.0)
+    a = scale * jax.lax.rsqrt(variance + epsilon)
+    b = bias - mean * a
+    return x32 * a[:, None, None, :] + b[:, None, None, :]
+
+
+class GroupNorm(nnx.Module):
+    """``group_norm`` with a learned per-channel ``scale`` (ones at first) and ``bias`` (zeros).
+
+    It stands in for ``nnx.GroupNorm`` (same parameters, names and results; see
+    ``group_norm`` for why), so checkpoints of either load into the other.
+    """
+
+    def __init__(self, channels: int, groups: int, *, epsilon: float = 1e-6):
+        self.num_groups, self.epsilon = groups, epsilon
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+
+    def __call__(self, x):
+        return group_norm(x, self.scale[...], self.bias[...], self.num_groups, self.epsilon)
+
+
 class ResBlock(nnx.Module):
     """h = skip(x) + conv(dropout(silu(norm(conv(silu(norm(x))) + W emb)))), the residual block of Ho et al. 2020."""
 
     def __init__(self, in_channels, out_channels, emb_dim, *, dropout, norm_groups, dtype, rngs):
-        self.norm1 = nnx.GroupNorm(in_channels, norm_groups, rngs=rngs)
+        self.norm1 = GroupNorm(in_channels, norm_groups)
         self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
         self.emb_proj = nnx.Linear(emb_dim, out_channels, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.GroupNorm(out_channels, norm_groups, rngs=rngs)
+        self.norm2 = GroupNorm(out_channels, norm_groups)
         self.dropout = nnx.Dropout(dropout)
         self.conv2 = nnx.Conv(
             out_channels, out_channels, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs
@@ -105,7 +153,7 @@ class Attention(nnx.Module):
 
     def __init__(self, channels, *, num_heads, norm_groups, dtype, rngs):
         self.num_heads = num_heads
-        self.norm = nnx.GroupNorm(channels, norm_groups, rngs=rngs)
+        self.norm = GroupNorm(channels, norm_groups)
         self.qkv = nnx.Linear(channels, 3 * channels, dtype=dtype, rngs=rngs)
         self.out = nnx.Linear(channels, channels, dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs)
 
@@ -256,7 +304,7 @@ class UNet(nnx.Module):
             if i > 0:
                 self.upsample.append(nnx.Conv(widths[i], widths[i - 1], (3, 3), dtype=dtype, rngs=rngs))
 
-        self.norm_out = nnx.GroupNorm(widths[0], norm_groups, rngs=rngs)
+        self.norm_out = GroupNorm(widths[0], norm_groups)
         self.conv_out = nnx.Conv(
             widths[0], in_channels, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs
         )
