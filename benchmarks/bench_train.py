@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402, F401  (importing train.py sets its XLA_FLAGS, before JAX starts)
+import train  # noqa: E402  (importing train.py sets its XLA_FLAGS, before JAX starts)
+
+if __name__ == "__main__":
+    train.restart_with_huge_pages()  # as train.py does (PyTorch's side gets the same)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -139,7 +142,7 @@ def main():
     params = sum(p.size for p in jax.tree.leaves(state.params))
     print(
         f"preset {args.preset}: {params / 1e6:.2f} M parameters, batch {B}, {os.cpu_count()} CPU cores; "
-        f"JAX {jax.__version__} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); PyTorch {torch.__version__} eager, "
+        f"JAX {jax.__version__} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')!r}); PyTorch {torch.__version__} eager, "
         f"{torch.get_num_threads()} threads, {'channels_last' if args.channels_last else 'contiguous (NCHW)'}; "
         f"{args.rounds} rounds of {args.calls} calls\n"
     )

@@ -30,6 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402  (sets the XLA flags train.py trains with, before JAX starts)
 
+if __name__ == "__main__":
+    train.restart_with_huge_pages()  # as train.py does
+
 import jax  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 

@@ -144,6 +144,36 @@ def test_command_line_flags_override_the_preset(monkeypatch, tmp_path):
     assert not (tmp_path / "default").exists()
 
 
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the restart is for glibc on Linux only")
+def test_train_py_restarts_itself_once_with_huge_pages_unless_told_otherwise(tmp_path):
+    script = tmp_path / "restart.py"
+    script.write_text(
+        textwrap.dedent(f"""
+            import os, sys
+            sys.path.insert(0, {str(REPO)!r})
+            print("run", os.getpid(), sys.flags.optimize, os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
+            import train
+            train.restart_with_huge_pages()
+            print("done", os.environ.get("GLIBC_TUNABLES"))
+        """)
+    )
+    command = [sys.executable, "-O", str(script), "--steps", "3"]  # an interpreter option and arguments to keep
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+    def output_lines(env):
+        return subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=300).stdout.split("\n")
+
+    lines = output_lines(env)
+    first, second = lines[0].split(" ", 3), lines[1].split(" ", 3)
+    assert first[0] == second[0] == "run" and first[1] == second[1]  # the same process, run twice
+    assert first[2:] == ["1", "None ['--steps', '3']"]
+    assert second[2:] == ["1", "glibc.malloc.hugetlb=1 ['--steps', '3']"]
+    assert lines[2:] == ["done glibc.malloc.hugetlb=1", ""]
+    # Already set (here to nothing, the way to opt out): no restart.
+    assert [line.split(" ")[0] for line in output_lines({**env, "GLIBC_TUNABLES": ""})] == ["run", "done", ""]
+
+
 # --- Checkpoints ------------------------------------------------------------------------
 
 
