@@ -109,7 +109,7 @@ def main():
     B, size = config.batch_size, config.image_size
     x = jnp.asarray(rng.standard_normal((B, size, size, config.in_channels), dtype=np.float32))
     t = jnp.asarray(rng.uniform(0, config.num_timesteps - 1, B).astype(np.float32))
-    y = jnp.asarray(np.arange(B) % max(config.num_classes, 1)) if config.num_classes else None
+    y = jnp.asarray(np.arange(B) % config.num_classes) if config.num_classes else None
     programs = {"JAX": jax_programs(model, x, t, y), "PyTorch": torch_programs(model, x, t, y)}
 
     for framework in programs.values():  # compile, warm up
@@ -124,7 +124,10 @@ def main():
                 programs[f][name]()
             rounds.append((time.perf_counter() - start) / args.calls * 1e3)
 
-    print(f"preset {args.preset}, batch {B}, {torch.get_num_threads()} PyTorch threads; ms per call, median of {args.rounds} rounds")
+    print(
+        f"preset {args.preset}, batch {B}, {torch.get_num_threads()} PyTorch threads; "
+        f"ms per call, median of {args.rounds} rounds"
+    )
     print("\n| | JAX ms | PyTorch ms | JAX / PyTorch time |")
     print("|---|---|---|---|")
     median = {key: statistics.median(rounds) for key, rounds in times.items()}

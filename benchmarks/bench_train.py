@@ -142,7 +142,8 @@ def main():
     params = sum(p.size for p in jax.tree.leaves(state.params))
     print(
         f"preset {args.preset}: {params / 1e6:.2f} M parameters, batch {B}, {os.cpu_count()} CPU cores; "
-        f"JAX {jax.__version__} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')!r}); PyTorch {torch.__version__} eager, "
+        f"JAX {jax.__version__} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')!r}); PyTorch {torch.__version__} eager, "
         f"{torch.get_num_threads()} threads, {'channels_last' if args.channels_last else 'contiguous (NCHW)'}; "
         f"{args.rounds} rounds of {args.calls} calls\n"
     )

@@ -144,7 +144,6 @@ def test_command_line_flags_override_the_preset(monkeypatch, tmp_path):
     assert not (tmp_path / "default").exists()
 
 
-
 @pytest.mark.skipif(sys.platform != "linux", reason="the restart is for glibc on Linux only")
 def test_train_py_restarts_itself_once_with_huge_pages_unless_told_otherwise(tmp_path):
     script = tmp_path / "restart.py"
