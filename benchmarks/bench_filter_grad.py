@@ -23,18 +23,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402  (sets the XLA flags train.py trains with, before JAX starts)
+from diffusion import cpu
 
+cpu.configure()  # the XLA flag train.py trains with, before JAX starts
 if __name__ == "__main__":
-    train.restart_with_huge_pages()  # as train.py does (PyTorch's side gets the same)
+    cpu.restart_with_huge_pages()  # as train.py does (PyTorch's side gets the same)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from diffusion import training  # noqa: E402
+from diffusion import configs, runs  # noqa: E402
 
 
 def jax_programs(model, x, t, y):
@@ -89,7 +89,7 @@ def torch_programs(model, x, t, y):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu", choices=training.PRESETS)
+    parser.add_argument("--preset", default="cpu", choices=configs.PRESETS)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (the medians are reported)")
     parser.add_argument("--calls", type=int, default=5, help="calls per timing")
@@ -103,8 +103,8 @@ def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
-    config = training.make_config(args.preset, **overrides)
-    model = training.make_model(config, nnx.Rngs(0))
+    config = configs.make_config(args.preset, **overrides)
+    model = runs.make_model(config, nnx.Rngs(0))
     rng = np.random.default_rng(0)
     B, size = config.batch_size, config.image_size
     x = jnp.asarray(rng.standard_normal((B, size, size, config.in_channels), dtype=np.float32))

@@ -26,21 +26,19 @@ to install it and exits.
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402  (importing train.py sets its XLA_FLAGS, before JAX starts)
+from diffusion import cpu
 
+cpu.configure()  # the XLA flag train.py trains with, before JAX starts
 if __name__ == "__main__":
-    train.restart_with_huge_pages()  # as train.py does (PyTorch's side gets the same)
+    cpu.restart_with_huge_pages()  # as train.py does (PyTorch's side gets the same)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from diffusion import training  # noqa: E402
+from diffusion import configs, training  # noqa: E402
 from diffusion.unet import as_denoiser  # noqa: E402
 
 
@@ -58,7 +56,7 @@ def images_per_second(run, calls: int, batch: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu", choices=training.PRESETS)
+    parser.add_argument("--preset", default="cpu", choices=configs.PRESETS)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (the medians are reported)")
     parser.add_argument("--calls", type=int, default=5, help="calls per timing, for each of the four measurements")
@@ -77,7 +75,7 @@ def main():
     import torch_unet
 
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
-    config = training.make_config(args.preset, **overrides)
+    config = configs.make_config(args.preset, **overrides)
     B, size, channels = config.batch_size, config.image_size, config.in_channels
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (B, size, size, channels)).astype(np.float32)

@@ -21,10 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import HUGE_PAGES, YNN_FLAG  # noqa: E402  (the settings train.py runs with)
+from diffusion.cpu import HUGE_PAGES, YNN_FLAG  # the settings train.py runs with
 
 # The environment of each measured configuration; the last one is what train.py runs with.
 VARIANTS = {
@@ -52,7 +50,7 @@ def measure(preset: str, batch_size: int | None, repeats: int) -> dict:
     import numpy as np
     from flax import nnx
 
-    from diffusion import training
+    from diffusion import configs, training
 
     n = 2048
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
@@ -62,7 +60,7 @@ def measure(preset: str, batch_size: int | None, repeats: int) -> dict:
     jax_peak = 2 * n**3 / best_seconds(lambda: dot(a_jax, a_jax).block_until_ready(), repeats)
 
     overrides = {"batch_size": batch_size} if batch_size else {}
-    config = training.make_config(preset, **overrides)
+    config = configs.make_config(preset, **overrides)
     graphdef, state = training.init_state(config)
     mesh = training.make_mesh(1)
     state = training.put_state(mesh, state)

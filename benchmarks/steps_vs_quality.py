@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/steps_vs_quality.py [--checkpoint runs/default] [--n 1000] [--out docs]
 
 For each (sampler, steps) it generates n digits (n/10 per class, the same seeds
-for every row) with ``evaluate.py``'s machinery and records NFE, seconds per 100
+for every row) with ``diffusion.evaluation`` (what ``evaluate.py`` runs) and records NFE, seconds per 100
 digits, classifier accuracy, MNIST-classifier FID (with its real-vs-real floor),
 precision and recall. Writes ``<out>/quality.md`` (the tables, the machine and
 the command) and ``<out>/quality.png`` (FID against NFE per sampler), and the
@@ -19,25 +19,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evaluate.py lives at the top level
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import evaluate  # noqa: E402
-from diffusion import generate, samplers  # noqa: E402
+from diffusion import evaluation, runs, samplers  # noqa: E402
 
 STEPS = (5, 10, 20, 50, 100)
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)
 
 
-def run(checkpoint, sampler, steps, guidance, n, reference="test"):
-    args = evaluate.parse_args(
-        ["--checkpoint", checkpoint, "--sampler", sampler, "--steps", str(steps), "--guidance", str(guidance), "--n", str(n)]
-    )
-    row = evaluate.evaluate(evaluate.settings_from_args(args), reference)
+def run(checkpoint: runs.Checkpoint, sampler, steps, guidance, n, reference="test"):
+    settings = evaluation.digit_settings(checkpoint, n, sampler=sampler, steps=steps, guidance=guidance)
+    row = evaluation.evaluate(settings, reference, checkpoint)
     print(json.dumps({k: row[k] for k in ("sampler", "steps", "guidance", "nfe", "accuracy", "fid", "sampling_s")}), flush=True)
     return row
 
@@ -68,13 +63,14 @@ def main(argv=None):
     parser.add_argument("--out", default="docs")
     args = parser.parse_args(argv)
 
-    flow = generate.open_checkpoint(args.checkpoint).config.parameterization == "velocity"
+    checkpoint = runs.open_checkpoint(args.checkpoint)
+    flow = checkpoint.config.parameterization == "velocity"
     names = [name for name, s in samplers.SAMPLERS.items() if (s.family == "flow") == flow]
     started = time.perf_counter()
-    steps_rows = [run(args.checkpoint, name, steps, args.guidance, args.n) for name in names for steps in STEPS]
+    steps_rows = [run(checkpoint, name, steps, args.guidance, args.n) for name in names for steps in STEPS]
     if args.ddpm_1000 and not flow:
-        steps_rows.append(run(args.checkpoint, "ddpm", 1000, args.guidance, args.n))
-    sweep_rows = [run(args.checkpoint, args.sweep_sampler, args.sweep_steps, g, args.n) for g in GUIDANCE_SWEEP]
+        steps_rows.append(run(checkpoint, "ddpm", 1000, args.guidance, args.n))
+    sweep_rows = [run(checkpoint, args.sweep_sampler, args.sweep_steps, g, args.n) for g in GUIDANCE_SWEEP]
     minutes = (time.perf_counter() - started) / 60
 
     out = Path(args.out)

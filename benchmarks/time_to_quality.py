@@ -27,32 +27,32 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402  (sets the XLA flags train.py trains with, before JAX starts)
+from diffusion import cpu
 
+cpu.configure()  # the XLA flag train.py trains with, before JAX starts
 if __name__ == "__main__":
-    train.restart_with_huge_pages()  # as train.py does
+    cpu.restart_with_huge_pages()  # as train.py does
 
 import jax  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from diffusion import generate, metrics, training  # noqa: E402
+from diffusion import checkpoint, cli, configs, evaluation, generate, runs, training  # noqa: E402
 
 
-def make_run_config(args, runs_dir: str) -> training.Config:
+def make_run_config(args, runs_dir: str) -> configs.Config:
     """The preset with the --set overrides read as train.py reads its flags, in a scratch folder,
     keeping every --every-th checkpoint."""
     flags = ["--preset", args.preset]
     for item in args.set:
         name, _, value = item.partition("=")
         flags += [f"--{name.replace('_', '-')}", value]
-    config = train.parse_flags(flags)  # a wrong field or value exits with train.py's usage message
+    config = cli.config_from_flags(flags)  # a wrong field or value: a UsageError or ConfigError saying which
     return dataclasses.replace(
         config, name="time_to_quality", runs_dir=runs_dir, checkpoint_every=args.every, keep_checkpoints=10_000
     )
 
 
-def train_timed(config: training.Config) -> dict[int, float]:
+def train_timed(config: configs.Config) -> dict[int, float]:
     """Train ``config``; returns {step: seconds since training was called, at the end of that step}."""
     started, seconds = time.perf_counter(), {}
     training.train(config, callback=lambda step, _: seconds.__setitem__(step, time.perf_counter() - started))
@@ -61,11 +61,8 @@ def train_timed(config: training.Config) -> dict[int, float]:
 
 def judge(path: Path, n: int, settings: dict) -> dict:
     """Accuracy and classifier FID of n digits from one checkpoint, drawn with sample.py's default settings."""
-    ckpt = generate.open_checkpoint(path)
-    classes = ckpt.config.num_classes
-    chosen = generate.default_settings(ckpt, seeds=tuple(range(n // classes)), **settings)
-    generation = generate.generate(chosen)
-    return metrics.evaluate_digits(generation.images, list(generation.labels), reference="test")
+    opened = runs.open_checkpoint(path)
+    return evaluation.evaluate(evaluation.digit_settings(opened, n, **settings), "test", opened)
 
 
 def plot(rows: list[dict], title: str, png: Path) -> None:
@@ -86,7 +83,7 @@ def plot(rows: list[dict], title: str, png: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu", choices=training.PRESETS)
+    parser.add_argument("--preset", default="cpu", choices=configs.PRESETS)
     parser.add_argument("--every", type=int, default=200, help="evaluate a checkpoint every this many steps")
     parser.add_argument("--n", type=int, default=500, help="digits per evaluation (a multiple of 10)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a training field")
@@ -101,15 +98,15 @@ def main(argv=None) -> int:
         config = make_run_config(args, runs_dir)
         seconds = train_timed(config)
         rows = []
-        for path in sorted((config.run_dir / "checkpoints").glob("step_*")):
-            step = int(path.name.removeprefix("step_"))
+        for path in checkpoint.checkpoints(runs.checkpoint_dir(config.run_dir)):
+            step = checkpoint.step_of(path)
             result = judge(path, args.n, settings)
             rows.append({"step": step, "minutes": seconds[step] / 60, **result})
             print(f"step {step:5d}  {rows[-1]['minutes']:5.1f} min  accuracy {result['accuracy']:.3f}  "
                   f"FID {result['fid']:6.2f} (floor {result['floor']:.2f})", flush=True)
-        used = generate.default_settings(generate.open_checkpoint(path), **settings)
+        used = generate.default_settings(runs.open_checkpoint(path), **settings)
 
-    changed = {k: v for k, v in config.to_dict().items() if v != getattr(training.make_config(args.preset), k)}
+    changed = {k: v for k, v in config.to_dict().items() if v != getattr(configs.make_config(args.preset), k)}
     changed = {k: v for k, v in changed.items() if k not in ("name", "runs_dir", "checkpoint_every", "keep_checkpoints")}
     described = (
         f"preset {args.preset}{' with ' + json.dumps(changed) if changed else ''}; "
@@ -127,7 +124,7 @@ def main(argv=None) -> int:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
         command = "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
         out.with_suffix(".md").write_text(
-            "\n".join([f"# Time to quality\n", f"{described}.\n", f"Machine: {machine}. Command: `{command}`\n", *lines])
+            "\n".join(["# Time to quality\n", f"{described}.\n", f"Machine: {machine}. Command: `{command}`\n", *lines])
             + "\n"
         )
         plot(rows, f"Time to quality: {described}", out.with_suffix(".png"))

@@ -8,8 +8,9 @@ A checkpoint is a folder ``<directory>/step_<step>/`` holding
     meta.json    step, data position, metrics and anything else small and JSON-able
 
 It is written into a hidden temporary folder first and renamed into place
-(``os.replace``), so a crash or Ctrl-C mid-save leaves either the previous
-checkpoints or a complete new one, never a half-written folder. Loading needs
+(``diffusion.files.atomic_folder``), so a crash or Ctrl-C mid-save leaves
+either the previous checkpoints or a complete new one, never a half-written
+folder. Loading needs
 a template pytree of the right structure (usually a freshly initialised state):
 its key paths say which arrays to read, and every shape and dtype is checked.
 """
@@ -20,11 +21,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from diffusion import files
+from diffusion.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -38,38 +41,35 @@ def _named_leaves(tree, prefix: str = ""):
     ]
 
 
-def _write_json(path: Path, value):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _json_bytes(value) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
+
+
+def step_name(step: int) -> str:
+    """The folder name of the checkpoint of ``step``: ``step_00001600``."""
+    return f"step_{step:08d}"
+
+
+def step_of(path) -> int | None:
+    """The step in a checkpoint folder's name, or None if the name is not ``step_<digits>``."""
+    match = STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def save(directory, step: int, tree, config: dict, meta: dict, keep: int) -> Path:
     """Write ``tree`` (host or device arrays), ``config`` and ``meta`` as ``<directory>/step_<step>``.
 
-    Atomic (see the module docstring). Afterwards only the ``keep`` newest
-    checkpoints remain. Returns the checkpoint's path.
+    Atomic (``diffusion.files.atomic_folder``). Afterwards only the ``keep``
+    newest checkpoints remain. Returns the checkpoint's path.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private to the user
+    final = Path(directory) / step_name(step)
+    with files.atomic_folder(final) as tmp:  # the same step saved again (Ctrl-C after a save) is replaced
         with open(tmp / "state.npz", "wb") as f:
             np.savez(f, **{name: np.asarray(leaf) for name, leaf in _named_leaves(tree)})
             f.flush()
             os.fsync(f.fileno())
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "meta.json", {"step": step, **meta})
-        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a scheduled save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files.write_synced(tmp / "config.json", _json_bytes(config))
+        files.write_synced(tmp / "meta.json", _json_bytes({"step": step, **meta}))
     for old in checkpoints(directory)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -80,7 +80,7 @@ def checkpoints(directory) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(step_of(p), p) for p in directory.iterdir() if step_of(p) is not None and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -103,19 +103,19 @@ def load(path, template, prefix: str = ""):
     arrays saved under ``ema/...``. Returns a pytree like ``template`` holding
     NumPy arrays; the template's leaves may be arrays or ``jax.ShapeDtypeStruct``s.
     A missing array, or one whose shape or dtype differs from the
-    template's, raises a ValueError naming it.
+    template's, raises a CheckpointError naming it.
     """
     names = _named_leaves(template, prefix)
     with np.load(Path(path) / "state.npz", allow_pickle=False) as saved:
         arrays = []
         for name, leaf in names:
             if name not in saved.files:
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint {path} has no array {name!r}: it was written by a different model or version"
                 )
             array, shape, dtype = saved[name], tuple(leaf.shape), np.dtype(leaf.dtype)
             if array.shape != shape or array.dtype != dtype:
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint {path}: {name} has shape {array.shape} and dtype {array.dtype}, "
                     f"but this model expects {shape} and {dtype}"
                 )

@@ -28,8 +28,7 @@ split and writes the weights that ship with the package,
 from __future__ import annotations
 
 import importlib.resources
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import jax
@@ -38,14 +37,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion import data
+from diffusion import data, files
+from diffusion.errors import ClassifierError
 
 WEIGHTS_FILE = "mnist_classifier.npz"
 REGENERATE = "regenerate it with `.venv/bin/python scripts/train_classifier.py` (a few minutes on a CPU)"
-
-
-class ClassifierError(Exception):
-    """The committed classifier weights are missing or unreadable; the message says how to regenerate them."""
 
 
 class DigitClassifier(nnx.Module):
@@ -182,20 +178,13 @@ def _flat_params(model: DigitClassifier) -> dict[str, np.ndarray]:
 def save_classifier(model: DigitClassifier, path=None) -> Path:
     """Write ``model``'s weights to ``path`` (default: the committed file) atomically; return the path.
 
-    The arrays go to a temporary file in the same folder, which is then
-    renamed over ``path`` (``os.replace``), so the file is always either the
+    Through ``diffusion.files.write_atomically``: the file is always either the
     old weights or the complete new ones.
     """
     path = Path(path) if path is not None else default_weights_path()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{name: np.asarray(value) for name, value in _flat_params(model).items()})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the weights are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in _flat_params(model).items()})
+    files.write_atomically({path: buffer.getvalue()})
     return path
 
 

@@ -1,4 +1,4 @@
-"""Data: the embedded MNIST digits, full MNIST / Fashion-MNIST downloads, 2-D toys.
+"""Data: the embedded MNIST digits, full MNIST / Fashion-MNIST downloads, minibatches.
 
 Everything here is plain NumPy; the training code turns batches into JAX arrays.
 
@@ -24,11 +24,6 @@ Batches
     ``batches`` yields shuffled minibatches forever. The shuffle of each epoch
     is a function of (seed, epoch) only, so a run can restart at any step and
     see exactly the batches it would have seen.
-
-2-D toys
-    ``sample_toy(name, seed, n)`` draws n points from a 2-D distribution
-    (two moons, Swiss roll, eight Gaussians, checkerboard): small enough to
-    train in seconds and to look at in a scatter plot.
 """
 
 import gzip
@@ -42,14 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion.errors import DataError, InputError
+
 DATASET_NAMES = ("mnist-embedded", "mnist", "fashion-mnist")
 SPLITS = ("train", "test")
 
 NUM_CLASSES = 10
-
-
-class DataError(Exception):
-    """A dataset could not be downloaded, verified or read. The message says what failed and what to do."""
 
 
 # ---------------------------------------------------------------------------
@@ -87,7 +80,7 @@ def load_embedded_mnist(split="train"):
     class; ``batches`` shuffles).
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise InputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     resource = importlib.resources.files("diffusion") / "data" / "mnist_embedded.npz"
     with resource.open("rb") as f, np.load(f, allow_pickle=False) as npz:
         images, labels = npz["images"], npz["labels"]
@@ -196,7 +189,7 @@ def download_dataset(name, cache_dir=None, base_url=None):
     mirror; the message lists each attempt and what to do instead.
     """
     if name not in SHA256:
-        raise ValueError(f"no download for dataset {name!r}; downloadable datasets: {', '.join(SHA256)}")
+        raise InputError(f"no download for dataset {name!r}; downloadable datasets: {', '.join(SHA256)}")
     folder = Path(cache_dir if cache_dir is not None else data_dir()).expanduser() / name
     folder.mkdir(parents=True, exist_ok=True)
     base_urls = (base_url,) if base_url is not None else MIRRORS[name]
@@ -285,9 +278,9 @@ def load_dataset(name="mnist-embedded", split="train", cache_dir=None):
     ``cache_dir`` (see ``download_dataset``) the first time.
     """
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        raise InputError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise InputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if name == "mnist-embedded":
         return load_embedded_mnist(split)
     return _read_image_classification(download_dataset(name, cache_dir), split)
@@ -320,7 +313,7 @@ def from_model_range(x):
     """
     x = np.asarray(x, dtype=np.float32)
     if x.shape[-1:] != (1,):
-        raise ValueError(f"from_model_range expects a trailing channel axis of size 1, got shape {x.shape}")
+        raise InputError(f"from_model_range expects a trailing channel axis of size 1, got shape {x.shape}")
     pixels = np.rint((np.clip(x[..., 0], -1.0, 1.0) + 1.0) * 127.5)
     return pixels.astype(np.uint8)
 
@@ -342,12 +335,12 @@ def batches(images, labels, batch_size, seed, start_step=0):
     after skipping k batches: a restarted training run sees the same data.
     """
     if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        raise InputError(f"{len(images)} images but {len(labels)} labels")
     if batch_size < 1 or start_step < 0:
-        raise ValueError(f"need batch_size >= 1 and start_step >= 0, got {batch_size} and {start_step}")
+        raise InputError(f"need batch_size >= 1 and start_step >= 0, got {batch_size} and {start_step}")
     steps_per_epoch = len(images) // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({len(images)} examples)")
+        raise InputError(f"batch_size {batch_size} is larger than the dataset ({len(images)} examples)")
 
     epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
     while True:
@@ -357,64 +350,3 @@ def batches(images, labels, batch_size, seed, start_step=0):
             yield images[idx], labels[idx]
         epoch, step_in_epoch = epoch + 1, 0
 
-
-# ---------------------------------------------------------------------------
-# 2-D toy distributions
-# ---------------------------------------------------------------------------
-
-
-def _two_moons(rng, n):
-    """Two interleaved half circles of radius 1, with Gaussian noise of std 0.1, centred and scaled."""
-    angle = rng.uniform(0.0, np.pi, n)
-    upper = rng.random(n) < 0.5
-    x = np.where(upper, np.cos(angle), 1.0 - np.cos(angle))
-    y = np.where(upper, np.sin(angle), 0.5 - np.sin(angle))
-    points = np.stack([x, y], axis=1) + 0.1 * rng.standard_normal((n, 2))
-    return (points - [0.5, 0.25]) * 1.4  # per-axis std about (1.2, 0.7)
-
-
-def _swiss_roll(rng, n):
-    """A 2-D Swiss roll: the spiral t (cos t, sin t) for t in [1.5 pi, 4.5 pi], plus a little noise."""
-    t = 1.5 * np.pi * (1.0 + 2.0 * rng.random(n))
-    points = np.stack([t * np.cos(t), t * np.sin(t)], axis=1) / 7.0  # per-axis std about 1
-    return points + 0.05 * rng.standard_normal((n, 2))
-
-
-def _eight_gaussians(rng, n):
-    """Eight Gaussians (std 0.1) centred on a circle of radius sqrt(2): per-axis variance 2/2 + 0.01 ~ 1."""
-    angle = 2.0 * np.pi * rng.integers(0, 8, n) / 8.0
-    centres = np.sqrt(2.0) * np.stack([np.cos(angle), np.sin(angle)], axis=1)
-    return centres + 0.1 * rng.standard_normal((n, 2))
-
-
-def _checkerboard(rng, n):
-    """Uniform on the 8 dark squares of a 4 x 4 checkerboard, scaled so each coordinate has std exactly 1.
-
-    Squares have side 1 and cover [-2, 2]^2; square (i, j) is dark when i + j
-    is even. Every row and column has two dark squares, so each coordinate is
-    uniform on [-2, 2] (variance 4/3); multiplying by sqrt(3)/2 makes it 1.
-    """
-    row = rng.integers(0, 4, n)
-    col = 2 * rng.integers(0, 2, n) + row % 2  # the two columns of that row whose square is dark
-    corner = np.stack([col, row], axis=1) - 2.0
-    return (corner + rng.random((n, 2))) * (np.sqrt(3.0) / 2.0)
-
-
-_TOYS = {
-    "two_moons": _two_moons,
-    "swiss_roll": _swiss_roll,
-    "eight_gaussians": _eight_gaussians,
-    "checkerboard": _checkerboard,
-}
-TOY_NAMES = tuple(_TOYS)
-
-
-def sample_toy(name, seed, n):
-    """``n`` points from the 2-D toy distribution ``name``, as a float32 array of shape (n, 2).
-
-    ``name`` is one of ``TOY_NAMES``; each is roughly centred with roughly unit
-    standard deviation per coordinate. Same ``seed``, same points.
-    """
-    if name not in _TOYS:
-        raise ValueError(f"unknown toy distribution {name!r}; valid names: {', '.join(TOY_NAMES)}")
-    return _TOYS[name](np.random.default_rng(seed), n).astype(np.float32)

@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 
 from diffusion import samplers
+from diffusion.errors import InputError, is_whole
 
 
 def img2img(
@@ -39,11 +40,11 @@ def img2img(
     ``samplers.sample`` (schedule, steps, parameterization, spacing, ...).
     """
     if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (got {strength!r}): 0 keeps the input, 1 samples afresh")
+        raise InputError(f"strength must be in [0, 1] (got {strength!r}): 0 keeps the input, 1 samples afresh")
     plan = samplers.make_plan(sampler, **settings)
     x0, noise = jnp.asarray(x0), jnp.asarray(noise)
     if noise.shape != x0.shape:
-        raise ValueError(f"noise must have the input's shape {x0.shape} (got {noise.shape})")
+        raise InputError(f"noise must have the input's shape {x0.shape} (got {noise.shape})")
     plan = plan.last_steps(int(plan.steps * strength))
     signal, noise_scale = plan.family.scales(plan.grid)
     x_start = jnp.asarray(signal[0], x0.dtype) * x0 + jnp.asarray(noise_scale[0], x0.dtype) * noise
@@ -103,23 +104,23 @@ def inpaint(
     mask: 1 = known, 0 = to generate, broadcastable to x_known's shape.
     ``settings`` are those of ``samplers.sample``.
     """
-    if not isinstance(resample, (int, np.integer)) or resample < 1:
-        raise ValueError(f"resample must be a whole number >= 1 (got {resample!r}); 1 means no RePaint resampling")
+    if not is_whole(resample, 1):
+        raise InputError(f"resample must be a whole number >= 1 (got {resample!r}); 1 means no RePaint resampling")
     if key is None:
-        raise ValueError("inpainting noises the known region at every step: pass key=jax.random.key(seed)")
+        raise InputError("inpainting noises the known region at every step: pass key=jax.random.key(seed)")
     plan = samplers.make_plan(sampler, **settings)
     if resample > 1 and plan.sampler.history:
-        raise ValueError(
+        raise InputError(
             f"RePaint resampling repeats steps, which the history of the multistep sampler {sampler!r} cannot follow; "
             "use resample=1, or a one-step sampler (ddpm, ddim, euler, euler_a, heun, flow_euler, flow_heun)"
         )
     x_known, mask, x_T = jnp.asarray(x_known), jnp.asarray(mask), jnp.asarray(x_T)
     if x_known.shape != x_T.shape:
-        raise ValueError(f"x_known and x_T must have the same shape (got {x_known.shape} and {x_T.shape})")
+        raise InputError(f"x_known and x_T must have the same shape (got {x_known.shape} and {x_T.shape})")
     try:
         mask = jnp.broadcast_to(mask, x_known.shape).astype(x_known.dtype)
     except ValueError:
-        raise ValueError(f"mask of shape {mask.shape} does not fit images of shape {x_known.shape}") from None
+        raise InputError(f"mask of shape {mask.shape} does not fit images of shape {x_known.shape}") from None
     signal, noise = plan.family.scales(plan.grid)
     factor = plan.family.state_factor(plan.grid)
     as_x = lambda a: jnp.asarray(a, x_known.dtype)  # noqa: E731
@@ -160,7 +161,7 @@ def ddim_invert(
     settings to come back; the round trip's error shrinks with the steps.
     """
     if settings.get("eta", 0.0) != 0.0:
-        raise ValueError("DDIM inversion follows the deterministic path: leave eta at 0")
+        raise InputError("DDIM inversion follows the deterministic path: leave eta at 0")
     plan = samplers.make_plan("ddim", **settings)
     grid = plan.grid
     inverse = samplers.VPGrid(grid.timesteps[::-1], grid.alpha_bar[::-1])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.errors import InputError
 from diffusion.schedules import Schedule
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "score", "velocity")
@@ -65,26 +66,44 @@ def q_step(schedule: Schedule, x_prev, t, noise):
     return jnp.sqrt(1.0 - beta) * x_prev + jnp.sqrt(beta) * noise
 
 
+def posterior_coefficients(alpha_bar, alpha_bar_prev):
+    """The DDPM posterior q(x_prev | x_t, x_0) of a jump from alpha_bar to alpha_bar_prev (Ho et al. 2020, eq. 6-7).
+
+    Returns (coef_x0, coef_xt, variance), the posterior being
+    N(coef_x0 x_0 + coef_xt x_t, variance I):
+
+        alpha    = alpha_bar / alpha_bar_prev,  beta = 1 - alpha
+        coef_x0  = sqrt(alpha_bar_prev) beta / (1 - alpha_bar)
+        coef_xt  = sqrt(alpha) (1 - alpha_bar_prev) / (1 - alpha_bar)
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar) beta      ("beta tilde")
+
+    On the full schedule alpha and beta are one step's alpha_t and beta_t, as
+    in the paper; a sampler that skips timesteps gets those of the whole jump.
+    Plain arithmetic, so NumPy arrays give NumPy results (float64 on the host)
+    and JAX arrays JAX ones (traced inside a sampler).
+    """
+    alpha = alpha_bar / alpha_bar_prev
+    beta = 1.0 - alpha
+    coef_x0 = alpha_bar_prev**0.5 * beta / (1.0 - alpha_bar)
+    coef_xt = alpha**0.5 * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta
+    return coef_x0, coef_xt, variance
+
+
 def posterior_mean_variance(schedule: Schedule, x0, x_t, t):
     """Mean and variance of the posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7).
 
-    mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
-         + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
-    var  = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t      ("beta tilde")
-
-    At t = 0 the previous level is the data itself (alpha_bar_{-1} = 1), so
-    the mean is x_0 and the variance 0.
+    ``posterior_coefficients`` for the one step from alpha_bar_t to
+    alpha_bar_{t-1}, so that beta is beta_t and the variance beta_tilde_t. At
+    t = 0 the previous level is the data itself (alpha_bar_{-1} = 1), so the
+    mean is x_0 and the variance 0.
     """
     # The coefficients are formed in float64 on the host: 1 - alpha_bar is tiny at small t,
     # and forming it in float32 would lose most of its digits.
-    alpha_bar = schedule.alpha_bar
-    alpha_bar_prev = np.concatenate([[1.0], alpha_bar[:-1]])
-    coef_x0 = np.sqrt(alpha_bar_prev) * schedule.betas / (1.0 - alpha_bar)
-    coef_xt = np.sqrt(schedule.alphas) * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
-    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * schedule.betas
+    alpha_bar_prev = np.concatenate([[1.0], schedule.alpha_bar[:-1]])
+    coef_x0, coef_xt, variance = posterior_coefficients(schedule.alpha_bar, alpha_bar_prev)
     mean = _gather(coef_x0, t, x_t) * x0 + _gather(coef_xt, t, x_t) * x_t
-    variance = _gather(variance, t, x_t)
-    return mean, variance
+    return mean, _gather(variance, t, x_t)
 
 
 # --- Parameterizations ---------------------------------------------------------------
@@ -92,7 +111,7 @@ def posterior_mean_variance(schedule: Schedule, x0, x_t, t):
 
 def _check_kind(kind):
     if kind not in PARAMETERIZATIONS:
-        raise ValueError(f"unknown parameterization {kind!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
+        raise InputError(f"unknown parameterization {kind!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
 
 
 def to_x0_eps(prediction, kind: str, x_t, signal_scale, noise_scale):

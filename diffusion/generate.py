@@ -23,49 +23,41 @@ What decides each image:
   batch, from ``fold_in(key(seeds[0]), batch index)``: there an image also
   depends on its batch.
 
-Sampling is ``diffusion.samplers`` on the model of ``diffusion.unet``, guided by
-``diffusion.guidance`` and edited by ``diffusion.editing``; this module only
-validates, arranges and saves. Every bad input raises a ``GenerationError`` (a
-ValueError) that says what to change, before anything is compiled or written.
+Sampling is ``diffusion.samplers`` on the model that ``diffusion.runs`` loads,
+guided by ``diffusion.guidance`` and edited by ``diffusion.editing``, from the
+noise of ``diffusion.noise``; pictures are encoded by ``diffusion.pictures`` and
+written by ``diffusion.files``. This module only validates, arranges and saves.
+Every bad input raises an InputError (a ``GenerationError``, or a
+``CheckpointError`` for the checkpoint) that says what to change, before
+anything is compiled or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from diffusion import data, editing, guidance, plotting, samplers, training
+from diffusion import editing, files, guidance, pictures, noise, runs, samplers
+from diffusion.configs import Config
+from diffusion.errors import GenerationError, is_whole
 from diffusion.unet import as_denoiser
 
 PNG_KEY = "diffusion-settings"  # the PNG text chunk that holds the settings as JSON
 MAX_SEED = 2**32 - 1  # jax.random.key wraps larger seeds around: 2**32 would repeat seed 0
 
 
-class GenerationError(ValueError):
-    """A bad setting, checkpoint or input image; the message says what to change."""
-
-
 def _need(ok, message):
     if not ok:
         raise GenerationError(message)
-
-
-def _whole(value, minimum: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
 
 
 # --- Settings ---------------------------------------------------------------------------
@@ -125,19 +117,21 @@ class Settings:
         for name, kind in _FIELD_TYPES.items():
             value = getattr(self, name)
             _need(isinstance(value, kind), f"{name} must be {_KIND_NAMES[kind]} (got {value!r})")
-        _need(_whole(self.steps, 1), f"steps must be a whole number >= 1 (got {self.steps!r})")
-        _need(_whole(self.batch_size, 1), f"batch_size must be a whole number >= 1 (got {self.batch_size!r})")
+        _need(is_whole(self.steps, 1), f"steps must be a whole number >= 1 (got {self.steps!r})")
+        _need(is_whole(self.batch_size, 1), f"batch_size must be a whole number >= 1 (got {self.batch_size!r})")
         _need(self.seeds, "give at least one seed")
         for seed in self.seeds:
-            _need(_whole(seed, 0) and seed <= MAX_SEED, f"seeds are whole numbers from 0 to {MAX_SEED} (got {seed!r})")
+            _need(
+                is_whole(seed, 0) and seed <= MAX_SEED, f"seeds are whole numbers from 0 to {MAX_SEED} (got {seed!r})"
+            )
         _need(self.labels, "give at least one label (None for the null label)")
         for label in (*self.labels, self.negative_label):
-            _need(label is None or _whole(label, 0), f"labels are whole numbers >= 0 or None (got {label!r})")
+            _need(label is None or is_whole(label, 0), f"labels are whole numbers >= 0 or None (got {label!r})")
         _need(
             isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 0,
             f"the guidance scale must be a number >= 0 (got {self.guidance!r}); 1 means no guidance",
         )
-        _need(_whole(self.interpolate, 0), f"interpolate must be a whole number >= 0 (got {self.interpolate!r})")
+        _need(is_whole(self.interpolate, 0), f"interpolate must be a whole number >= 0 (got {self.interpolate!r})")
         if self.interpolate:
             _need(
                 len(self.seeds) == 2 and self.seeds[0] != self.seeds[1],
@@ -191,7 +185,7 @@ class Settings:
             raise GenerationError(f"incomplete settings: {error}") from None
 
 
-def default_settings(checkpoint: Checkpoint, **choices) -> Settings:
+def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     """Settings for ``checkpoint`` with the usual defaults, then ``choices`` (Settings fields) applied.
 
     Defaults: DDIM (flow Euler for a flow-matching model), 25 steps, seed 0,
@@ -215,7 +209,7 @@ def default_settings(checkpoint: Checkpoint, **choices) -> Settings:
     return Settings(**{**defaults, **choices})
 
 
-def check_settings(settings: Settings, config: training.Config) -> None:
+def check_settings(settings: Settings, config: Config) -> None:
     """Raise a GenerationError if ``settings`` do not fit the model that ``config`` describes."""
     classes = config.num_classes
     flow = config.parameterization == "velocity"
@@ -253,62 +247,19 @@ def check_settings(settings: Settings, config: training.Config) -> None:
     )
 
 
-def _model_settings(settings: Settings, config: training.Config) -> dict:
+def _model_settings(settings: Settings, config: Config) -> dict:
     """The schedule, steps and parameterization that ``diffusion.samplers`` needs for this model."""
     flow = config.parameterization == "velocity"
-    return dict(schedule=None if flow else config.noise_schedule, steps=settings.steps, parameterization=config.parameterization)
+    schedule = None if flow else config.noise_schedule
+    return dict(schedule=schedule, steps=settings.steps, parameterization=config.parameterization)
 
 
-# --- Checkpoints --------------------------------------------------------------------------
-
-
-class Checkpoint(NamedTuple):
-    """A checkpoint folder, the configuration it was trained with, and the sha256 of its weights."""
-
-    path: Path
-    config: training.Config
-    sha256: str
-
-
-def _sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def open_checkpoint(path) -> Checkpoint:
-    """The checkpoint folder ``path``, or the last checkpoint of the run folder ``path``, with its config.
-
-    Raises GenerationError, saying what to do, if there is none or its
-    config.json cannot be read. The weights are read by ``load_model``.
-    """
-    path = Path(path)
-    _need(
-        path.exists(), f"checkpoint {path} does not exist: train one with train.py, or name another with --checkpoint"
-    )
-    path = training.find_checkpoint(path)  # a ConfigError (a ValueError) names the problem
-    try:
-        config = training.load_config(path)
-        sha256 = _sha256(path / "state.npz")
-    except (OSError, ValueError, TypeError) as error:
-        raise GenerationError(
-            f"checkpoint {path} cannot be read ({error}): use another checkpoint of the run"
-        ) from None
-    return Checkpoint(path, config, sha256)
-
-
-def load_model(checkpoint: Checkpoint):
-    """The EMA weights of ``checkpoint`` as a U-Net; a corrupt or incomplete state.npz raises GenerationError."""
-    try:
-        return training.load_model(checkpoint.path)
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise GenerationError(
-            f"checkpoint {checkpoint.path} is corrupt or incomplete ({error}): use another checkpoint of the run"
-        ) from None
+# --- Inputs -------------------------------------------------------------------------------------
 
 
 def _input_sha256(path, what: str) -> str:
     try:
-        return _sha256(path)
+        return files.sha256_of(path)
     except FileNotFoundError:
         raise GenerationError(f"{what} {path} does not exist") from None
     except OSError as error:
@@ -323,108 +274,12 @@ def _check_unchanged(what: str, path, expected: str | None, actual: str):
     )
 
 
-# --- Input images ---------------------------------------------------------------------------
-
-CHANNELS = {"1": 1, "L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # Pillow mode -> channels
-
-
-def _open_image(path, what: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise GenerationError(f"{what} {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise GenerationError(f"{what} {path} is not an image that can be read ({error})") from None
-
-
-def _fit(image: Image.Image, size: int, resize: bool, what: str, path, resample) -> Image.Image:
-    if image.size == (size, size):
-        return image
-    _need(
-        resize,
-        f"{what} {path} is {image.width}×{image.height} but the model makes {size}×{size} images: "
-        f"give a {size}×{size} image, or allow resizing (--resize)",
-    )
-    return image.resize((size, size), resample)
-
-
-def load_image(path, size: int, channels: int, resize: bool = False) -> np.ndarray:
-    """An image file as a float32 (size, size, channels) array in the model's range [-1, 1].
-
-    Its channels must be the model's (grayscale "L" for 1, "RGB" for 3); its
-    size too, unless ``resize`` (Lanczos). Raises GenerationError otherwise.
-    """
-    image = _open_image(path, "init image")
-    found = CHANNELS.get(image.mode)
-    _need(
-        found == channels,
-        f"init image {path} has "
-        + (f"{found} channel(s) ({image.mode})" if found else f"mode {image.mode}")
-        + f", but the model makes {channels}-channel images: convert it to "
-        + {1: "grayscale (L)", 3: "RGB"}.get(channels, f"{channels} channels"),
-    )
-    image = _fit(
-        image.convert("L") if image.mode == "1" else image, size, resize, "init image", path, Image.Resampling.LANCZOS
-    )
-    pixels = np.asarray(image, np.uint8).reshape(size, size, channels)
-    return data.to_model_range(pixels)[..., 0]  # to_model_range adds a channel axis; ours is already there
-
-
-def load_mask(path, size: int, resize: bool = False) -> np.ndarray:
-    """A mask image as float32 (size, size, 1): 1 where the init image is kept (black), 0 where generated (white).
-
-    White marks what to generate anew, as in the common inpainting tools; any
-    mode is read as brightness, thresholded at half. Resized (nearest
-    neighbour) only if ``resize``.
-    """
-    image = _fit(_open_image(path, "mask").convert("L"), size, resize, "mask", path, Image.Resampling.NEAREST)
-    return (np.asarray(image)[..., None] < 128).astype(np.float32)
-
-
-# --- Noise --------------------------------------------------------------------------------------
-
-
-def slerp(a, b, w):
-    """Spherical linear interpolation from a (w = 0) to b (w = 1): Shoemake's slerp (SIGGRAPH 1985).
-
-    slerp = sin((1 - w) omega) / sin(omega) a + sin(w omega) / sin(omega) b,
-    omega the angle between a and b (as flat vectors). Why noise is
-    interpolated this way (White 2016, "Sampling generative networks"): a
-    standard Gaussian in D dimensions lies near the sphere of radius sqrt(D),
-    and two draws are nearly orthogonal, so the straight line between them
-    passes at only 1/sqrt(2) of that radius (noise of too little variance,
-    which a denoiser turns into a blur), while the great circle stays on it.
-    The ends are a and b exactly; nearly parallel a and b fall back to the
-    straight line.
-    """
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    cos = jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
-    omega = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
-    sin = jnp.sin(omega)
-    parallel = sin < 1e-6
-    safe = jnp.where(parallel, 1.0, sin)
-    wa = jnp.where(parallel, 1.0 - w, jnp.sin((1.0 - w) * omega) / safe)
-    wb = jnp.where(parallel, w, jnp.sin(w * omega) / safe)
-    return wa * a + wb * b
-
-
-def seed_noise(seeds, shape) -> jax.Array:
-    """The initial noise of each seed, (len(seeds), *shape): ``jax.random.normal(jax.random.key(seed), shape)``.
-
-    Drawn for all seeds at once (vmap), with the same bits as one seed at a time.
-    """
-    draw = jax.vmap(lambda seed: jax.random.normal(jax.random.key(seed), shape))
-    return draw(np.asarray(seeds, np.uint32))
-
-
 def initial_noise(settings: Settings, shape) -> jax.Array:
     """The noises of a run, (num_noises, *shape): one per seed, or the slerp path between two seeds."""
-    noise = seed_noise(settings.seeds, shape)
+    drawn = noise.seed_noise(settings.seeds, shape)
     if not settings.interpolate:
-        return noise
-    return jnp.stack([slerp(noise[0], noise[1], w) for w in np.linspace(0.0, 1.0, settings.interpolate)])
+        return drawn
+    return jnp.stack([noise.slerp(drawn[0], drawn[1], w) for w in np.linspace(0.0, 1.0, settings.interpolate)])
 
 
 def arrangement(settings: Settings):
@@ -475,7 +330,7 @@ def guided_denoiser(model, settings: Settings):
     return guidance.classifier_free_guidance(denoiser, settings.guidance, jnp.asarray(negative, jnp.int32))
 
 
-def _sample_batch(settings, config, denoiser, noise, cond, key, x_known, mask):
+def _sample_batch(settings, config, denoiser, x_T, cond, key, x_known, mask):
     """One batch through the sampler, img2img (SDEdit) or inpainting, as ``settings`` say."""
     common = dict(
         sampler=settings.sampler,
@@ -487,60 +342,64 @@ def _sample_batch(settings, config, denoiser, noise, cond, key, x_known, mask):
     )
     if settings.strength is not None:
         return editing.img2img(
-            denoiser, jnp.broadcast_to(x_known, noise.shape), noise, strength=settings.strength, **common
+            denoiser, jnp.broadcast_to(x_known, x_T.shape), x_T, strength=settings.strength, **common
         )
     if settings.mask is not None:
-        return editing.inpaint(denoiser, jnp.broadcast_to(x_known, noise.shape), mask, noise, **common)
-    return samplers.sample(denoiser, noise, **common)
+        return editing.inpaint(denoiser, jnp.broadcast_to(x_known, x_T.shape), mask, x_T, **common)
+    return samplers.sample(denoiser, x_T, **common)
 
 
-def generate(settings: Settings, *, progress: bool = False) -> Generation:
+def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, progress: bool = False) -> Generation:
     """Generate the images that ``settings`` describe; see the module docstring for what decides each.
 
     Everything is checked first (checkpoint, its sha256, the settings against
-    the model, the input images): a problem raises GenerationError before
-    anything compiles. ``progress`` shows a progress bar over the batches
-    (on a terminal).
+    the model, the input images): a problem raises an InputError before
+    anything compiles. ``checkpoint``, if given, is ``settings.checkpoint``
+    already opened (``runs.open_checkpoint``), so that it is not resolved and
+    hashed again. ``progress`` shows a progress bar over the batches (on a
+    terminal).
     """
-    checkpoint = open_checkpoint(settings.checkpoint)
+    if checkpoint is None or str(checkpoint.path) != settings.checkpoint:
+        checkpoint = runs.open_checkpoint(settings.checkpoint)
     _check_unchanged("checkpoint", checkpoint.path, settings.checkpoint_sha256, checkpoint.sha256)
     config = checkpoint.config
     check_settings(settings, config)
     size, channels = config.image_size, config.in_channels
     x_known = mask = None
     if settings.init_image is not None:
-        x_known = load_image(settings.init_image, size, channels, settings.resize)
-        _check_unchanged("init image", settings.init_image, settings.init_image_sha256, _sha256(settings.init_image))
+        x_known = pictures.load_image(settings.init_image, size, channels, settings.resize)
+        actual = files.sha256_of(settings.init_image)
+        _check_unchanged("init image", settings.init_image, settings.init_image_sha256, actual)
     if settings.mask is not None:
-        mask = load_mask(settings.mask, size, settings.resize)
-        _check_unchanged("mask", settings.mask, settings.mask_sha256, _sha256(settings.mask))
-    model = load_model(checkpoint)
+        mask = pictures.load_mask(settings.mask, size, settings.resize)
+        _check_unchanged("mask", settings.mask, settings.mask_sha256, files.sha256_of(settings.mask))
+    model = runs.load_model(checkpoint)
 
     denoiser = guided_denoiser(model, settings)
     noise_index, label_index, ncols = arrangement(settings)
     labels = tuple(settings.labels[i] for i in label_index)
-    noise = initial_noise(settings, (size, size, channels))[noise_index]
+    x_T = initial_noise(settings, (size, size, channels))[noise_index]
     null = config.num_classes
     cond = np.array([null if c is None else c for c in labels], np.int32) if null else None
     n = len(labels)
     batch = math.ceil(n / math.ceil(n / settings.batch_size))  # the fewest batches batch_size allows, even in size
-    images, xs, x0s = [], [], []
+    samples, xs, x0s = [], [], []
     with tqdm(total=n, desc="sampling", unit="image", disable=None if progress else True) as bar:
         for index, start in enumerate(range(0, n, batch)):
             part = slice(start, start + batch)
-            keep = len(noise[part])
+            keep = len(x_T[part])
             pad = batch - keep  # the last batch is padded, so that one compiled program serves them all
-            batch_noise = jnp.concatenate([noise[part], jnp.zeros((pad, *noise.shape[1:]), noise.dtype)])
+            batch_x_T = jnp.concatenate([x_T[part], jnp.zeros((pad, *x_T.shape[1:]), x_T.dtype)])
             batch_cond = None if cond is None else np.concatenate([cond[part], np.full(pad, null, np.int32)])
             key = jax.random.fold_in(jax.random.key(settings.seeds[0]), index)
-            result = _sample_batch(settings, config, denoiser, batch_noise, batch_cond, key, x_known, mask)
-            images.append(np.asarray(result.x[:keep]))
+            result = _sample_batch(settings, config, denoiser, batch_x_T, batch_cond, key, x_known, mask)
+            samples.append(np.asarray(result.x[:keep]))
             if settings.trajectory:
                 xs.append(np.asarray(result.xs[:, :keep]))
                 x0s.append(np.asarray(result.x0s[:, :keep]))
             bar.update(keep)
     frames = (np.concatenate(xs, axis=1), np.concatenate(x0s, axis=1)) if settings.trajectory else ()
-    return Generation(np.concatenate(images), labels, ncols, result.nfe, *frames)
+    return Generation(np.concatenate(samples), labels, ncols, result.nfe, *frames)
 
 
 # --- Files -------------------------------------------------------------------------------------
@@ -548,8 +407,7 @@ def generate(settings: Settings, *, progress: bool = False) -> Generation:
 
 def read_settings(path) -> Settings:
     """The settings saved in a PNG written by ``save``; GenerationError if it holds none."""
-    image = _open_image(path, "image")
-    text = getattr(image, "text", {}).get(PNG_KEY)
+    text = pictures.png_text(path, PNG_KEY)
     _need(
         text is not None,
         f"{path} holds no generation settings (no {PNG_KEY!r} text chunk): it was not written by sample.py",
@@ -560,92 +418,18 @@ def read_settings(path) -> Settings:
         raise GenerationError(f"{path}: {error}") from None
 
 
-def _as_pil(grid: np.ndarray) -> Image.Image:
-    return Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-
-
-def png_bytes(grid: np.ndarray, settings: Settings) -> bytes:
-    """A uint8 (H, W, C) picture as PNG file contents, with ``settings`` as JSON in a text chunk."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_KEY, settings.to_json())
-    buffer = io.BytesIO()
-    _as_pil(grid).save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-def _tiles(frames: np.ndarray) -> np.ndarray:
-    """(F, n, H, W, C) frames in the model's range -> uint8 (n, F, H, W, C)."""
-    pixels = plotting.to_uint8(frames.reshape(-1, *frames.shape[2:])).reshape(frames.shape)
-    return np.moveaxis(pixels, 0, 1)
-
-
-def trajectory_strip(generation: Generation) -> np.ndarray:
-    """Two rows per image: x_t at every frame, from the noise to the sample, and under each x_t its prediction of x_0.
-
-    The last frame has no prediction under it (it is the sample); that tile
-    stays blank.
-    """
-    xs, x0s = _tiles(generation.xs), _tiles(generation.x0s)
-    blank = np.full_like(xs[:, :1], 255)
-    rows = np.stack([xs, np.concatenate([x0s, blank], axis=1)], axis=1)  # (n, 2, frames, H, W, C)
-    return plotting.image_grid(rows.reshape(-1, *rows.shape[3:]), ncols=xs.shape[1])
-
-
-def gif_bytes(generation: Generation, settings: Settings, frame_ms: int = 100, last_ms: int = 1500) -> bytes:
-    """An animated GIF of the denoising: the grid of x_t at every frame, holding the samples at the end.
-
-    The settings go into the GIF's comment (GIF has no text chunks like PNG).
-    """
-    frames = [_as_pil(plotting.image_grid(x, generation.ncols)) for x in generation.xs]
-    buffer = io.BytesIO()
-    frames[0].save(
-        buffer,
-        format="GIF",
-        save_all=True,
-        append_images=frames[1:],
-        loop=0,
-        duration=[frame_ms] * (len(frames) - 1) + [last_ms],
-        comment=settings.to_json(),
-    )
-    return buffer.getvalue()
-
-
-def write_atomically(files: dict) -> None:
-    """Write {path: bytes}: each into a temporary file beside its target, then all renamed into place.
-
-    If anything fails (a full disk, Ctrl-C) before the renames, the temporary
-    files are removed and no target is touched: never a half-written file.
-    """
-    temporary = []
-    try:
-        for path, content in files.items():
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temporary.append((name, path))
-            with os.fdopen(handle, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(name, 0o644)  # mkstemp makes files private to the user
-        for name, path in temporary:
-            os.replace(name, path)
-    except BaseException:
-        for name, _ in temporary:
-            if os.path.exists(name):
-                os.remove(name)
-        raise
-
-
 def save(generation: Generation, settings: Settings, path) -> list[Path]:
-    """Write the grid as the PNG ``path``; with a trajectory also ``<stem>_trajectory.png`` and ``<stem>.gif``.
+    """Write the grid as the PNG ``path``; with a trajectory also ``<stem>_trajectory.png`` (x_t and predicted
+    x0 per step, ``pictures.trajectory_strip``) and ``<stem>.gif`` (the grid over the steps).
 
-    Every file carries ``settings``; returns the paths written.
+    Every file carries ``settings``, all are written atomically; returns the paths written.
     """
-    path = Path(path)
-    files = {path: png_bytes(plotting.image_grid(generation.images, generation.ncols), settings)}
+    path, text = Path(path), {PNG_KEY: settings.to_json()}
+    written = {path: pictures.png_bytes(pictures.image_grid(generation.images, generation.ncols), text)}
     if generation.xs is not None:
-        files[path.with_name(f"{path.stem}_trajectory.png")] = png_bytes(trajectory_strip(generation), settings)
-        files[path.with_suffix(".gif")] = gif_bytes(generation, settings)
-    write_atomically(files)
-    return list(files)
+        strip = pictures.trajectory_strip(generation.xs, generation.x0s)
+        written[path.with_name(f"{path.stem}_trajectory.png")] = pictures.png_bytes(strip, text)
+        frames = [pictures.image_grid(x, generation.ncols) for x in generation.xs]
+        written[path.with_suffix(".gif")] = pictures.gif_bytes(frames, settings.to_json())
+    files.write_atomically(written)
+    return list(written)

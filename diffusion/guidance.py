@@ -31,6 +31,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion.errors import InputError
+
 
 def rescale_guidance(guided, conditional, rescale: float):
     """Lin et al. 2023, eq. 15-16: mix ``guided`` with itself rescaled to the per-example std of ``conditional``."""
@@ -55,7 +57,7 @@ class Guided:
 
     def __call__(self, x, t, cond):
         if cond is None:
-            raise ValueError("classifier-free guidance needs a condition: pass cond (one per example) to the sampler")
+            raise InputError("classifier-free guidance needs a condition: pass cond (one per example) to the sampler")
         cond = jnp.asarray(cond)
         t = jnp.broadcast_to(t, x.shape[:1])
         negative = jnp.broadcast_to(jnp.asarray(self.negative, cond.dtype), cond.shape)
@@ -74,9 +76,9 @@ def classifier_free_guidance(denoiser, scale: float, negative, *, rescale: float
     guidance rescale of Lin et al. 2023 (0 = off, 0.7 in the paper).
     """
     if not callable(denoiser):
-        raise ValueError(f"the denoiser must be a function (x, t, cond) -> prediction (got {type(denoiser).__name__})")
+        raise InputError(f"the denoiser must be a function (x, t, cond) -> prediction (got {type(denoiser).__name__})")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"the guidance scale must be a finite number (got {scale!r}); 1 means no guidance")
+        raise InputError(f"the guidance scale must be a finite number (got {scale!r}); 1 means no guidance")
     if not 0.0 <= rescale <= 1.0:
-        raise ValueError(f"rescale must be in [0, 1] (got {rescale}); 0 turns it off, the paper uses 0.7")
+        raise InputError(f"rescale must be in [0, 1] (got {rescale}); 0 turns it off, the paper uses 0.7")
     return Guided(denoiser, negative, float(scale), float(rescale))

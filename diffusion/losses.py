@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion import forward
+from diffusion.errors import InputError
 from diffusion.schedules import Schedule
 
 
@@ -54,7 +55,7 @@ def min_snr_weight(snr, gamma: float, parameterization: str):
         return clipped / snr
     if parameterization == "v":
         return clipped / (snr + 1.0)
-    raise ValueError(f"min-SNR weighting is defined for eps, x0 and v (got {parameterization!r})")
+    raise InputError(f"min-SNR weighting is defined for eps, x0 and v (got {parameterization!r})")
 
 
 def denoising_loss(model, x0, cond, key, *, schedule: Schedule, parameterization: str = "eps", min_snr_gamma=None):

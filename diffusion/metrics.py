@@ -40,6 +40,7 @@ import numpy as np
 
 from diffusion import classifier, data
 from diffusion import mixture as mixture_lib
+from diffusion.errors import InputError, check_whole, is_whole
 from diffusion.mixture import GaussianMixture
 
 REFERENCES = ("test", "train")
@@ -66,22 +67,28 @@ def _as_digits(images, name: str = "images") -> np.ndarray:
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE or len(images) == 0:
-        raise ValueError(f"{name} must be a batch of 28 x 28 digits, (N, 28, 28) or (N, 28, 28, 1); got shape {images.shape}")
+        raise InputError(
+            f"{name} must be a batch of 28 x 28 digits, (N, 28, 28) or (N, 28, 28, 1); got shape {images.shape}"
+        )
     if images.dtype == np.uint8:
         return data.to_model_range(images)
     if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"{name} must be uint8 pixels 0..255 or floats in [-1, 1]; got dtype {images.dtype}")
+        raise InputError(f"{name} must be uint8 pixels 0..255 or floats in [-1, 1]; got dtype {images.dtype}")
     if not np.all(np.isfinite(images)):
-        raise ValueError(f"{name} contain NaN or infinite values: the sampler that made them diverged")
+        raise InputError(f"{name} contain NaN or infinite values: the sampler that made them diverged")
     return np.clip(images, -1.0, 1.0).astype(np.float32)[..., np.newaxis]
 
 
 def _as_labels(labels, n: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be whole numbers, one per image: shape ({n},); got {labels.dtype} {labels.shape}")
+        raise InputError(
+            f"labels must be whole numbers, one per image: shape ({n},); got {labels.dtype} {labels.shape}"
+        )
     if labels.min() < 0 or labels.max() >= data.NUM_CLASSES:
-        raise ValueError(f"labels must be digit classes 0..{data.NUM_CLASSES - 1}; got {labels.min()} to {labels.max()}")
+        raise InputError(
+            f"labels must be digit classes 0..{data.NUM_CLASSES - 1}; got {labels.min()} to {labels.max()}"
+        )
     return labels
 
 
@@ -99,7 +106,9 @@ def _reference(split: str):
 
 def _check_reference(reference: str) -> str:
     if reference not in REFERENCES:
-        raise ValueError(f"unknown reference {reference!r}; choose 'test' (the 1,000 held-out digits, usual) or 'train'")
+        raise InputError(
+            f"unknown reference {reference!r}; choose 'test' (the 1,000 held-out digits, usual) or 'train'"
+        )
     return reference
 
 
@@ -134,9 +143,9 @@ def classifier_accuracy(images, labels) -> float:
 def _as_points(x, name: str, min_rows: int = 1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or len(x) < min_rows:
-        raise ValueError(f"{name} must be a 2-D array (N, D) with N >= {min_rows}; got shape {x.shape}")
+        raise InputError(f"{name} must be a 2-D array (N, D) with N >= {min_rows}; got shape {x.shape}")
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InputError(f"{name} contains NaN or infinite values")
     return x
 
 
@@ -171,7 +180,7 @@ def frechet_distance(feats_a, feats_b) -> float:
     a = _as_points(feats_a, "feats_a", min_rows=2)
     b = _as_points(feats_b, "feats_b", min_rows=2)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"the two feature sets have different dimensions: {a.shape[1]} and {b.shape[1]}")
+        raise InputError(f"the two feature sets have different dimensions: {a.shape[1]} and {b.shape[1]}")
     cov_a, cov_b = np.cov(a, rowvar=False, ddof=1), np.cov(b, rowvar=False, ddof=1)
     cov_a, cov_b = np.atleast_2d(cov_a), np.atleast_2d(cov_b)
     root_a = _psd_sqrt(cov_a)
@@ -239,10 +248,10 @@ def precision_recall(feats_real, feats_fake, k: int = 3) -> tuple[float, float]:
     real = _as_points(feats_real, "feats_real")
     fake = _as_points(feats_fake, "feats_fake")
     if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"the two feature sets have different dimensions: {real.shape[1]} and {fake.shape[1]}")
-    if not isinstance(k, (int, np.integer)) or not 1 <= k < min(len(real), len(fake)):
+        raise InputError(f"the two feature sets have different dimensions: {real.shape[1]} and {fake.shape[1]}")
+    if not is_whole(k, 1) or k >= min(len(real), len(fake)):
         smaller = min(len(real), len(fake))
-        raise ValueError(f"k must be a whole number from 1 to one less than the smaller set ({smaller}); got {k!r}")
+        raise InputError(f"k must be a whole number from 1 to one less than the smaller set ({smaller}); got {k!r}")
     precision = _fraction_covered(fake, real, _knn_radii(real, k))
     recall = _fraction_covered(real, fake, _knn_radii(fake, k))
     return precision, recall
@@ -257,13 +266,13 @@ def _draw_real(pool_labels: np.ndarray, n: int, labels, rng) -> np.ndarray:
     """Indices of n distinct pool digits; with ``labels``, exactly as many of each class as there."""
     if labels is None:
         if n > len(pool_labels):
-            raise ValueError(f"cannot draw {n} real digits from a pool of {len(pool_labels)}; evaluate fewer samples")
+            raise InputError(f"cannot draw {n} real digits from a pool of {len(pool_labels)}; evaluate fewer samples")
         return rng.choice(len(pool_labels), n, replace=False)
     picks = []
     for digit, count in zip(*np.unique(labels, return_counts=True)):
         members = np.flatnonzero(pool_labels == digit)
         if count > len(members):
-            raise ValueError(
+            raise InputError(
                 f"the real-digit pool has only {len(members)} digits of class {digit}, but {count} are needed; "
                 f"evaluate fewer samples of that class"
             )
@@ -289,12 +298,11 @@ def real_floor(n: int, labels=None, reference: str = "test", num_draws: int = 5,
     digits of the same size, this makes no difference within the spread.
     """
     reference = _check_reference(reference)
-    if not isinstance(n, (int, np.integer)) or n < 2:
-        raise ValueError(f"n must be a whole number >= 2 (got {n!r})")
+    check_whole("n", n, 2)
     if labels is not None:
         labels = _as_labels(labels, n)
-    if not isinstance(num_draws, (int, np.integer)) or num_draws < 2:
-        raise ValueError(f"num_draws must be a whole number >= 2, to give a spread (got {num_draws!r})")
+    if not is_whole(num_draws, 2):
+        raise InputError(f"num_draws must be a whole number >= 2, to give a spread (got {num_draws!r})")
     ref_features, _ = _reference(reference)
     pool_features, pool_labels = _reference("train" if reference == "test" else "test")
     rng = np.random.default_rng(seed)
@@ -334,7 +342,7 @@ def evaluate_digits(images, labels=None, reference: str = "test", num_floor_draw
     n = len(images)
     labels = None if labels is None else _as_labels(labels, n)
     if n < 4:
-        raise ValueError(f"need at least 4 images to estimate a covariance and 3 nearest neighbours; got {n}")
+        raise InputError(f"need at least 4 images to estimate a covariance and 3 nearest neighbours; got {n}")
     floor = real_floor(n, labels, reference, num_floor_draws, seed)  # checks the remaining arguments first
     ref_features, _ = _reference(reference)
     logits, features = _embed(images)
@@ -375,11 +383,13 @@ def sliced_wasserstein(x, y, num_projections: int = 256, seed: int = 0, p: int =
     """
     x, y = _as_points(x, "x"), _as_points(y, "y")
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y have different dimensions: {x.shape[1]} and {y.shape[1]}")
-    if not isinstance(num_projections, (int, np.integer)) or num_projections < 1:
-        raise ValueError(f"num_projections must be a whole number >= 1 (got {num_projections!r}); a few hundred is usual")
+        raise InputError(f"x and y have different dimensions: {x.shape[1]} and {y.shape[1]}")
+    if not is_whole(num_projections, 1):
+        raise InputError(
+            f"num_projections must be a whole number >= 1 (got {num_projections!r}); a few hundred is usual"
+        )
     if p < 1:
-        raise ValueError(f"p must be >= 1 (got {p})")
+        raise InputError(f"p must be >= 1 (got {p})")
     theta = np.random.default_rng(seed).standard_normal((x.shape[1], num_projections))
     theta /= np.linalg.norm(theta, axis=0)
     x_sorted, y_sorted = np.sort(x @ theta, axis=0), np.sort(y @ theta, axis=0)
@@ -395,7 +405,7 @@ def sliced_wasserstein(x, y, num_projections: int = 256, seed: int = 0, p: int =
 def _check_mixture_points(x, mixture: GaussianMixture) -> np.ndarray:
     x = _as_points(x, "x")
     if x.shape[1] != mixture.dim:
-        raise ValueError(f"x has {x.shape[1]} dimensions but the mixture has {mixture.dim}")
+        raise InputError(f"x has {x.shape[1]} dimensions but the mixture has {mixture.dim}")
     return x
 
 
@@ -422,6 +432,6 @@ def missing_modes(x, mixture: GaussianMixture, min_fraction: float = 0.1) -> np.
     when every mode is represented.
     """
     if not 0.0 < min_fraction <= 1.0:
-        raise ValueError(f"min_fraction must be in (0, 1] (got {min_fraction})")
+        raise InputError(f"min_fraction must be in (0, 1] (got {min_fraction})")
     observed = mode_weights(x, mixture)
     return np.flatnonzero(observed < min_fraction * np.asarray(mixture.weights, np.float64))

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion import forward
+from diffusion.errors import InputError
 from diffusion.schedules import Schedule, alpha_bar_from_sigma, sigma_at
 
 
@@ -66,9 +67,11 @@ def make_mixture(weights, means, stds, classes=None) -> GaussianMixture:
     stds = np.broadcast_to(np.asarray(stds, np.float64), weights.shape)
     classes = np.zeros(len(weights), np.int32) if classes is None else np.asarray(classes, np.int32)
     if means.ndim != 2 or means.shape[0] != weights.shape[0] or classes.shape != weights.shape:
-        raise ValueError(f"need weights (K,), means (K, D), classes (K,); got {weights.shape}, {means.shape}, {classes.shape}")
+        raise InputError(
+            f"need weights (K,), means (K, D), classes (K,); got {weights.shape}, {means.shape}, {classes.shape}"
+        )
     if np.any(weights <= 0) or np.any(stds <= 0):
-        raise ValueError("mixture weights and standard deviations must be positive")
+        raise InputError("mixture weights and standard deviations must be positive")
     return GaussianMixture(
         weights=jnp.asarray(weights / weights.sum(), jnp.float32),
         means=jnp.asarray(means, jnp.float32),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffusion import checkpoint, training
+from diffusion import checkpoint, configs, runs, training
 
 FAST = os.environ.get("DIFFUSION_FAST") == "1"
 
@@ -38,14 +38,15 @@ def trained_model(fast: bool = FAST):
     (``runs/notebook-tiny``); full mode trains the ``cpu`` preset into
     ``runs/default``, exactly as the main job would.
     """
-    default = runs_dir() / "default"
-    if checkpoint.latest(default / "checkpoints") is None:
+    run_dir = runs_dir() / "default"
+    if checkpoint.latest(runs.checkpoint_dir(run_dir)) is None:
         if fast:
-            config = training.make_config("tiny", name="notebook-tiny", runs_dir=str(runs_dir()), steps=FAST_TRAINING_STEPS, sample_every=0)
+            preset = dict(preset="tiny", name="notebook-tiny", steps=FAST_TRAINING_STEPS, sample_every=0)
         else:
-            config = training.make_config("cpu", name="default", runs_dir=str(runs_dir()))
-        if checkpoint.latest(config.run_dir / "checkpoints") is None:
+            preset = dict(preset="cpu", name="default")
+        config = configs.make_config(**preset, runs_dir=str(runs_dir()))
+        if checkpoint.latest(runs.checkpoint_dir(config.run_dir)) is None:
             training.train(config)
-        default = config.run_dir
-    return training.load_model(default), training.load_config(default)
-
+        run_dir = config.run_dir
+    loaded = runs.load(run_dir)
+    return loaded.model, loaded.config

@@ -39,6 +39,7 @@ import numpy as np
 from jax import lax
 
 from diffusion import forward
+from diffusion.errors import InputError, check_whole
 from diffusion.schedules import Schedule, flow_timesteps, karras_sigmas, sigma_at, timestep_at, timesteps
 
 # --- Grids: where the steps go, computed on the host --------------------------------
@@ -196,14 +197,22 @@ def _flow_scales(grid):
     return 1.0 - grid.sigmas, grid.sigmas
 
 
+def _sigma_state_factor(grid):
+    return np.sqrt(1.0 + grid.sigmas**2)
+
+
 def _ones(grid):
     return np.ones(len(grid.timesteps) + 1)
 
 
+def _sigmas(grid):
+    return grid.sigmas
+
+
 FAMILIES = {
     "vp": Family(_vp_model, _vp_scales, _ones, _vp_levels),
-    "sigma": Family(_sigma_model, _sigma_scales, lambda g: np.sqrt(1.0 + g.sigmas**2), lambda g: g.sigmas),
-    "flow": Family(_flow_model, _flow_scales, _ones, lambda g: g.sigmas),
+    "sigma": Family(_sigma_model, _sigma_scales, _sigma_state_factor, _sigmas),
+    "flow": Family(_flow_model, _flow_scales, _ones, _sigmas),
 }
 
 
@@ -222,21 +231,19 @@ def _normal(key, x):
 def ddpm_step(predict, grid, state, i, key, *, variance="fixed_small"):
     """Ancestral sampling from p(x_{t-1} | x_t) (Ho et al. 2020, Alg. 2, via eq. 6-7).
 
-    The network's x0_hat goes into the posterior q(x_prev | x_t, x_0) of eq. 7.
-    When steps skip timesteps, alpha = alpha_bar / alpha_bar_prev and beta = 1 -
-    alpha are those of the whole jump. Variance ``fixed_small`` is the posterior's
-    beta_tilde, ``fixed_large`` is beta (Ho et al. Sec. 3.2: both work). No noise
-    is added at the last step.
+    The network's x0_hat goes into the posterior q(x_prev | x_t, x_0) of eq. 7
+    (``forward.posterior_coefficients``). When steps skip timesteps, alpha =
+    alpha_bar / alpha_bar_prev and beta = 1 - alpha are those of the whole jump.
+    Variance ``fixed_small`` is the posterior's beta_tilde, ``fixed_large`` is
+    beta (Ho et al. Sec. 3.2: both work). No noise is added at the last step.
     """
     x, _ = state
     alpha_bar, alpha_bar_prev = grid.alpha_bar[i], grid.alpha_bar[i + 1]
     x0, _ = predict(x, grid.timesteps[i], alpha_bar)
-    alpha = alpha_bar / alpha_bar_prev
-    beta = 1.0 - alpha
-    mean = (jnp.sqrt(alpha_bar_prev) * beta * x0 + jnp.sqrt(alpha) * (1.0 - alpha_bar_prev) * x) / (1.0 - alpha_bar)
-    var = beta if variance == "fixed_large" else (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta
+    coef_x0, coef_xt, beta_tilde = forward.posterior_coefficients(alpha_bar, alpha_bar_prev)
+    var = 1.0 - alpha_bar / alpha_bar_prev if variance == "fixed_large" else beta_tilde
     std = jnp.where(i < len(grid.timesteps) - 1, jnp.sqrt(var), 0.0)
-    return (mean + std * _normal(key, x), None), x0
+    return (coef_x0 * x0 + coef_xt * x + std * _normal(key, x), None), x0
 
 
 def ddim_step(predict, grid, state, i, key, *, eta=0.0):
@@ -371,6 +378,7 @@ def dpmpp_2m_step(slope, grid, state, i, key):
     sigma = 0), use D = x0_hat (first order, as the widely used implementations do).
     """
     x, history = state
+    # At i = 0, sigmas[i - 1] wraps round to the final 0: log(sigma_prev / sigma) is -inf there, discarded by where.
     sigma_prev, sigma, sigma_next = grid.sigmas[i - 1], grid.sigmas[i], grid.sigmas[i + 1]
     _, x0 = slope(x, sigma)
     h = jnp.log(sigma / sigma_next)
@@ -418,17 +426,30 @@ def _positive(option):
     return lambda options: options[option] > 0
 
 
+def _always(options):
+    return True
+
+
 SAMPLERS = {
-    "ddpm": Sampler(ddpm_step, "vp", "leading", (("variance", "fixed_small"),), stochastic=lambda options: True),
-    "ddim": Sampler(ddim_step, "vp", "leading", (("eta", 0.0),), stochastic=_positive("eta")),
-    "plms": Sampler(plms_step, "vp", "leading", history=3, calls=_plms_calls),
-    "euler": Sampler(euler_step, "sigma", "linspace", (("churn", 0.0),), stochastic=_positive("churn")),
-    "euler_a": Sampler(euler_ancestral_step, "sigma", "linspace", (("eta", 1.0),), stochastic=_positive("eta")),
-    "heun": Sampler(heun_step, "sigma", "linspace", (("churn", 0.0),), 0, _heun_calls, _positive("churn")),
-    "dpmpp_2m": Sampler(dpmpp_2m_step, "sigma", "linspace", history=1),
-    "dpmpp_2m_karras": Sampler(dpmpp_2m_step, "sigma", "karras", history=1),
-    "flow_euler": Sampler(euler_step, "flow", None),
-    "flow_heun": Sampler(heun_step, "flow", None, calls=_heun_calls),
+    "ddpm": Sampler(
+        ddpm_step, family="vp", spacing="leading", options=(("variance", "fixed_small"),), stochastic=_always
+    ),
+    "ddim": Sampler(ddim_step, family="vp", spacing="leading", options=(("eta", 0.0),), stochastic=_positive("eta")),
+    "plms": Sampler(plms_step, family="vp", spacing="leading", history=3, calls=_plms_calls),
+    "euler": Sampler(
+        euler_step, family="sigma", spacing="linspace", options=(("churn", 0.0),), stochastic=_positive("churn")
+    ),
+    "euler_a": Sampler(
+        euler_ancestral_step, family="sigma", spacing="linspace", options=(("eta", 1.0),), stochastic=_positive("eta")
+    ),
+    "heun": Sampler(
+        heun_step, family="sigma", spacing="linspace", options=(("churn", 0.0),), calls=_heun_calls,
+        stochastic=_positive("churn"),
+    ),
+    "dpmpp_2m": Sampler(dpmpp_2m_step, family="sigma", spacing="linspace", history=1),
+    "dpmpp_2m_karras": Sampler(dpmpp_2m_step, family="sigma", spacing="karras", history=1),
+    "flow_euler": Sampler(euler_step, family="flow", spacing=None),
+    "flow_heun": Sampler(heun_step, family="flow", spacing=None, calls=_heun_calls),
 }
 
 VARIANCES = ("fixed_small", "fixed_large")
@@ -478,9 +499,9 @@ def make_plan(
     clip_x0: bool = False,
     **options,
 ) -> Plan:
-    """Check every setting on the host and lay out the grid; raises ValueError saying what to change."""
+    """Check every setting on the host and lay out the grid; raises InputError saying what to change."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     spec = SAMPLERS[sampler]
     _check_parameterization(sampler, spec.family, parameterization)
     _check_steps(steps, schedule, spec.family, sampler)
@@ -488,22 +509,22 @@ def make_plan(
     unknown = set(options) - set(known)
     if unknown:
         offered = ", ".join(known) or "none"
-        raise ValueError(f"sampler {sampler!r} has no option {', '.join(sorted(unknown))}; its options: {offered}")
+        raise InputError(f"sampler {sampler!r} has no option {', '.join(sorted(unknown))}; its options: {offered}")
     options = {**known, **options}
     _check_options(sampler, options)
     if spec.family == "flow":
         if schedule is not None or spacing is not None or offset:
-            raise ValueError(f"{sampler} runs time t from 1 to 0: pass no schedule, spacing or offset (use shift)")
+            raise InputError(f"{sampler} runs time t from 1 to 0: pass no schedule, spacing or offset (use shift)")
         grid = flow_grid(steps, 1.0 if shift is None else shift)
     else:
         if shift is not None:
-            raise ValueError(f"shift applies to the flow samplers only, not {sampler!r}")
+            raise InputError(f"shift applies to the flow samplers only, not {sampler!r}")
         spacing = spec.spacing if spacing is None else spacing
         allowed = ("linspace", "leading", "trailing") + (("karras",) if spec.family == "sigma" else ())
         if spacing not in allowed:
-            raise ValueError(f"{sampler} takes spacing {', '.join(allowed)} (got {spacing!r})")
+            raise InputError(f"{sampler} takes spacing {', '.join(allowed)} (got {spacing!r})")
         if offset and spacing != "leading":
-            raise ValueError("offset applies only to 'leading' spacing")
+            raise InputError("offset applies only to 'leading' spacing")
         make = vp_grid if spec.family == "vp" else sigma_grid
         grid = make(schedule, steps, spacing, offset)
         _check_terminal_snr(sampler, grid, parameterization)
@@ -512,32 +533,31 @@ def make_plan(
 
 def _check_parameterization(sampler, family, parameterization):
     if parameterization not in forward.PARAMETERIZATIONS:
-        raise ValueError(
+        raise InputError(
             f"unknown parameterization {parameterization!r}; choose one of {', '.join(forward.PARAMETERIZATIONS)}"
         )
     if (family == "flow") != (parameterization == "velocity"):
         need = "'velocity'" if family == "flow" else "eps, x0, v or score"
-        raise ValueError(f"sampler {sampler!r} needs a denoiser predicting {need} (got {parameterization!r})")
+        raise InputError(f"sampler {sampler!r} needs a denoiser predicting {need} (got {parameterization!r})")
 
 
 def _check_steps(steps, schedule, family, sampler):
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1 (got {steps!r})")
+    check_whole("steps", steps, 1)
     if family == "flow":
         return
     if not isinstance(schedule, Schedule):
-        raise ValueError(f"sampler {sampler!r} needs the schedule the denoiser was trained with (got {schedule!r})")
+        raise InputError(f"sampler {sampler!r} needs the schedule the denoiser was trained with (got {schedule!r})")
     if steps > schedule.num_timesteps:
-        raise ValueError(f"steps must be at most the schedule's {schedule.num_timesteps} timesteps (got {steps})")
+        raise InputError(f"steps must be at most the schedule's {schedule.num_timesteps} timesteps (got {steps})")
 
 
 def _check_options(sampler, options):
     if "eta" in options and not 0.0 <= options["eta"] <= 1.0:
-        raise ValueError(f"{sampler}: eta must be in [0, 1] (got {options['eta']})")
+        raise InputError(f"{sampler}: eta must be in [0, 1] (got {options['eta']})")
     if "churn" in options and not options["churn"] >= 0.0:
-        raise ValueError(f"{sampler}: churn must be >= 0 (got {options['churn']}); 0 means deterministic")
+        raise InputError(f"{sampler}: churn must be >= 0 (got {options['churn']}); 0 means deterministic")
     if "variance" in options and options["variance"] not in VARIANCES:
-        raise ValueError(f"{sampler}: variance must be one of {', '.join(VARIANCES)} (got {options['variance']!r})")
+        raise InputError(f"{sampler}: variance must be one of {', '.join(VARIANCES)} (got {options['variance']!r})")
 
 
 def _check_terminal_snr(sampler, grid, parameterization):
@@ -545,9 +565,9 @@ def _check_terminal_snr(sampler, grid, parameterization):
     if not isinstance(grid, VPGrid) or grid.alpha_bar[0] > 0:
         return
     if sampler == "plms":
-        raise ValueError("plms extrapolates eps, so it cannot start where alpha_bar = 0 (zero terminal SNR); use ddim")
+        raise InputError("plms extrapolates eps, so it cannot start where alpha_bar = 0 (zero terminal SNR); use ddim")
     if parameterization in ("eps", "score"):
-        raise ValueError(
+        raise InputError(
             "the first timestep has alpha_bar = 0 (zero terminal SNR), where an eps-prediction says nothing about x_0; "
             "use a v- or x0-prediction model, or a spacing that does not start at the last timestep"
         )
@@ -696,7 +716,7 @@ def run(
     try:
         hash(static)
     except TypeError as error:
-        raise ValueError(f"the denoiser holds a value that is neither an array nor hashable: {error}") from None
+        raise InputError(f"the denoiser holds a value that is neither an array nor hashable: {error}") from None
     as_x = lambda a: jnp.asarray(a, x_start.dtype)  # noqa: E731
     grid, state_factor = jax.tree.map(as_x, plan.grid), as_x(plan.family.state_factor(plan.grid))
     dyn = _Dynamic(arrays, grid, state_factor, cond, key, None if edit is None else edit.args)
@@ -707,17 +727,19 @@ def run(
 
 def _check_inputs(plan, denoiser, x_start, key, cond):
     if not callable(denoiser):
-        raise ValueError(f"the denoiser must be a function (x, t, cond) -> prediction (got {type(denoiser).__name__})")
+        raise InputError(f"the denoiser must be a function (x, t, cond) -> prediction (got {type(denoiser).__name__})")
     x_start = jnp.asarray(x_start)
     if x_start.ndim < 1 or not jnp.issubdtype(x_start.dtype, jnp.floating):
-        raise ValueError(f"x_T must be a float array of shape (batch, ...) (got {x_start.dtype} {x_start.shape})")
+        raise InputError(
+            f"x_start (sample's x_T) must be a float array of shape (batch, ...) (got {x_start.dtype} {x_start.shape})"
+        )
     if cond is not None:
         cond = jax.tree.map(jnp.asarray, cond)
         for leaf in jax.tree.leaves(cond):
             if leaf.shape[:1] != x_start.shape[:1]:
-                raise ValueError(f"cond needs one entry per example: ({x_start.shape[0]}, ...) (got {leaf.shape})")
+                raise InputError(f"cond needs one entry per example: ({x_start.shape[0]}, ...) (got {leaf.shape})")
     if key is None and plan.sampler.stochastic(dict(plan.options)):
-        raise ValueError("this sampler draws noise at every step: pass key=jax.random.key(seed)")
+        raise InputError("this sampler draws noise at every step: pass key=jax.random.key(seed)")
     return x_start, cond
 
 

@@ -35,6 +35,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.errors import InputError, check_whole, is_whole
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -122,18 +124,18 @@ class Schedule:
 
     def __post_init__(self):
         if self.name not in BETA_SCHEDULES:
-            raise ValueError(f"unknown noise schedule {self.name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
-        if not isinstance(self.num_timesteps, (int, np.integer)) or self.num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be a whole number >= 1 (got {self.num_timesteps!r}); 1000 is usual")
+            raise InputError(f"unknown noise schedule {self.name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+        if not is_whole(self.num_timesteps, 1):
+            raise InputError(f"num_timesteps must be a whole number >= 1 (got {self.num_timesteps!r}); 1000 is usual")
         if self.name == "cosine":
             if self.beta_start is not None or self.beta_end is not None:
-                raise ValueError("the cosine schedule has no beta_start / beta_end; leave them unset")
+                raise InputError("the cosine schedule has no beta_start / beta_end; leave them unset")
             return
         start, end = DEFAULT_BETA_RANGE[self.name]
         start = start if self.beta_start is None else float(self.beta_start)
         end = end if self.beta_end is None else float(self.beta_end)
         if not 0.0 < start <= end < 1.0:
-            raise ValueError(
+            raise InputError(
                 f"betas must satisfy 0 < beta_start <= beta_end < 1 (got beta_start={start}, beta_end={end}); "
                 f"the usual {self.name} range is {DEFAULT_BETA_RANGE[self.name]}"
             )
@@ -219,11 +221,11 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading", offset: 
     """
     T = schedule.num_timesteps
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be a whole number from 1 to the schedule's {T} timesteps (got {steps!r})")
+        raise InputError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if not is_whole(steps, 1) or steps > T:
+        raise InputError(f"steps must be a whole number from 1 to the schedule's {T} timesteps (got {steps!r})")
     if offset and spacing != "leading":
-        raise ValueError("offset applies only to 'leading' spacing")
+        raise InputError("offset applies only to 'leading' spacing")
     if spacing == "linspace":
         t = np.round(np.linspace(0, T - 1, steps))[::-1]
     elif spacing == "leading":
@@ -231,7 +233,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading", offset: 
     else:
         t = np.round(np.arange(T, 0, -T / steps)) - 1
     if t.min() < 0 or t.max() > T - 1:
-        raise ValueError(f"offset {offset} pushes timesteps outside [0, {T - 1}]")
+        raise InputError(f"offset {offset} pushes timesteps outside [0, {T - 1}]")
     return t.astype(np.int64)
 
 
@@ -267,10 +269,9 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     sigma_i = (sigma_max^(1/rho) + i / (N-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
     rho = 7 spends more steps at low noise, where detail is decided.
     """
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1 (got {steps!r})")
+    check_whole("steps", steps, 1)
     if not 0.0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max (got {sigma_min}, {sigma_max})")
+        raise InputError(f"need 0 < sigma_min < sigma_max (got {sigma_min}, {sigma_max})")
     ramp = np.linspace(0.0, 1.0, steps) if steps > 1 else np.zeros(1)
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
@@ -285,9 +286,8 @@ def flow_timesteps(steps: int, shift: float = 1.0) -> np.ndarray:
     towards the noisy end by t' = shift * t / (1 + (shift - 1) * t), the
     resolution-dependent timestep shift of Esser et al. 2024 (SD3), eq. 23.
     """
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1 (got {steps!r})")
+    check_whole("steps", steps, 1)
     if shift <= 0:
-        raise ValueError(f"shift must be positive (got {shift}); 1.0 means no shift")
+        raise InputError(f"shift must be positive (got {shift}); 1.0 means no shift")
     t = np.linspace(1.0, 0.0, steps + 1)
     return shift * t / (1.0 + (shift - 1.0) * t)

@@ -1,7 +1,8 @@
-"""Training: the configuration, the train state, the compiled train step and the loop.
+"""Training: the train state, the compiled train step and the loop.
 
-One ``Config`` holds every setting; ``make_config("tiny" | "cpu" | "gpu",
-**overrides)`` starts from a preset, and ``train(config)`` runs it:
+``train(config)`` runs the ``diffusion.configs.Config`` of a run (from
+``configs.make_config("tiny" | "cpu" | "gpu", **overrides)``, or
+``runs.resume_config`` to continue one):
 
 - **Step** (``train_step``). Drop labels to the null label with probability
   ``label_dropout`` (Ho & Salimans 2021), compute the objective of
@@ -19,14 +20,18 @@ One ``Config`` holds every setting; ``make_config("tiny" | "cpu" | "gpu",
   state are replicated, and XLA inserts the gradient all-reduce. The same code
   runs on one CPU, a GPU, a TPU or (with ``distributed=True``, started once per
   host) several hosts through ``jax.distributed``.
-- **Run folder** ``<runs_dir>/<name>/``: ``checkpoints/`` (``diffusion.checkpoint``),
-  ``metrics.jsonl`` (one JSON line per ``log_every`` steps), ``loss.png``, and
-  ``samples/step_*.png``, grids drawn from the EMA model by ``diffusion.samplers``.
-- **Faults.** A bad setting raises a ConfigError (a ValueError) before anything compiles; a
+- **Run folder** (its layout: ``diffusion.runs``): checkpoints, ``metrics.jsonl``
+  (one JSON line per ``log_every`` steps), ``loss.png``, and grids drawn from
+  the EMA model by ``diffusion.samplers`` every ``sample_every`` steps.
+- **State.** The train state is a plain pytree of ``nnx.State``s (``TrainState``),
+  and the step a pure function of it, rather than ``nnx.Optimizer`` updating a
+  module in place: so the old state can be donated to XLA, sharded over a
+  mesh and written to an npz checkpoint as it is.
+- **Faults.** A bad setting raises a ConfigError before anything compiles; a
   NaN or infinite loss stops the run with a FloatingPointError, keeping the
   last checkpoint (which is never written with non-finite values); Ctrl-C
   finishes the current step, saves and returns; resuming a checkpoint of a
-  different architecture raises a ValueError naming the differing field.
+  different architecture raises a ConfigError naming the differing field.
 """
 
 from __future__ import annotations
@@ -48,262 +53,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from matplotlib.figure import Figure
-from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion import checkpoint, data, guidance, losses, plotting, samplers
-from diffusion.schedules import BETA_SCHEDULES, Schedule
-from diffusion.unet import UNet, as_denoiser, check_architecture
-
-
-class ConfigError(ValueError):
-    """A bad setting, or a checkpoint or dataset that does not fit the settings; the message says what to change."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of a training run; each field is also a flag of ``train.py`` (``--learning-rate 1e-3``).
-
-    The defaults are the ``cpu`` preset: class-conditional digits from the
-    embedded MNIST on a laptop CPU. Invalid values raise a ValueError on
-    construction (a ConfigError).
-    """
-
-    # Run
-    name: str = "default"  # the run folder is <runs_dir>/<name>
-    runs_dir: str = "runs"
-    seed: int = 0
-    resume: bool = False  # continue from the run folder's last checkpoint
-    # Data
-    dataset: str = "mnist-embedded"  # see diffusion.data.DATASET_NAMES
-    image_size: int = 28
-    in_channels: int = 1
-    num_classes: int = 10  # 0 trains an unconditional model
-    # Network (diffusion.unet.UNet)
-    channels: int = 16
-    channel_mult: tuple[int, ...] = (1, 2, 4)
-    num_res_blocks: int = 1
-    attention_resolutions: tuple[int, ...] = (7,)
-    num_heads: int = 1
-    norm_groups: int = 8
-    dropout: float = 0.0
-    # Objective (diffusion.losses)
-    parameterization: str = "v"  # eps, x0, v (on the schedule) or velocity (flow matching)
-    schedule: str = "cosine"
-    num_timesteps: int = 1000
-    zero_terminal_snr: bool = False
-    min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma weighting (5 is usual); 0 = off (see docs/training.md)
-    flow_logit_mean: float = 0.0
-    flow_logit_std: float = 1.0
-    label_dropout: float = 0.1
-    # Optimisation
-    batch_size: int = 64
-    steps: int = 1600
-    learning_rate: float = 2e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # maximum global gradient norm
-    ema_decay: float = 0.995  # an average over the last ~1 / (1 - decay) = 200 steps
-    compute_dtype: str = "float32"  # bfloat16: faster matmuls and convolutions on accelerators
-    devices: int = 0  # how many local devices to use; 0 = all
-    distributed: bool = False  # call jax.distributed.initialize() first (multi-host runs)
-    # Output
-    log_every: int = 50
-    checkpoint_every: int = 400
-    keep_checkpoints: int = 3
-    sample_every: int = 400  # a grid of samples from the EMA model every this many steps (and at the end); 0 = never
-    sample_steps: int = 25  # DDIM (trailing spacing) or flow Euler steps for the grid
-    sample_guidance: float = 3.0  # classifier-free guidance scale for the grid; 1 = none
-
-    def __post_init__(self):
-        for name in ("channel_mult", "attention_resolutions"):  # lists from JSON or code become tuples
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        _validate(self)
-
-    @property
-    def noise_schedule(self) -> Schedule:
-        """The schedule of the forward process this run trains on (unused by flow models)."""
-        return Schedule(self.schedule, self.num_timesteps, zero_terminal_snr=self.zero_terminal_snr)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# The Config fields that are arguments of diffusion.unet.UNet.
-UNET_FIELDS = (
-    "image_size",
-    "in_channels",
-    "num_classes",
-    "channels",
-    "channel_mult",
-    "num_res_blocks",
-    "attention_resolutions",
-    "num_heads",
-    "norm_groups",
-    "dropout",
-    "parameterization",
-    "compute_dtype",
-)
-# The settings that decide what the network computes: a checkpoint can only be
-# resumed with the same values.
-ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "compute_dtype")) + (
-    "schedule",
-    "num_timesteps",
-    "zero_terminal_snr",
-)
-
-PRESETS = {
-    # For tests and a first look: seconds on a CPU, nothing learned.
-    "tiny": dict(
-        channels=8,
-        channel_mult=(1, 2),
-        attention_resolutions=(14,),
-        norm_groups=4,
-        batch_size=16,
-        steps=20,
-        warmup_steps=5,
-        log_every=5,
-        checkpoint_every=10,
-        sample_every=20,
-        sample_steps=2,
-    ),
-    # The default: the Config defaults above.
-    "cpu": dict(),
-    # A larger model for a GPU, on the full MNIST (or --dataset fashion-mnist); 28 is padded to 32.
-    "gpu": dict(
-        dataset="mnist",
-        channels=64,
-        channel_mult=(1, 2, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(16, 8),
-        num_heads=4,
-        norm_groups=32,
-        dropout=0.1,
-        min_snr_gamma=5.0,
-        batch_size=256,
-        steps=30_000,
-        learning_rate=5e-4,
-        warmup_steps=1000,
-        ema_decay=0.9995,
-        log_every=100,
-        checkpoint_every=2000,
-    ),
-}
-
-
-def _validate(c: Config):
-    """Raise a ValueError naming the setting to change, before anything is loaded or compiled."""
-
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
-
-    def whole(name, minimum):
-        value = getattr(c, name)
-        need(
-            isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-            f"{name} must be a whole number >= {minimum} (got {value!r})",
-        )
-
-    for name in (
-        "batch_size",
-        "steps",
-        "log_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "num_timesteps",
-        "sample_steps",
-    ):
-        whole(name, 1)
-    for name in ("seed", "warmup_steps", "devices", "sample_every"):
-        whole(name, 0)
-    need(
-        bool(c.name) and "/" not in c.name and c.name not in (".", ".."),
-        f"name must be a plain folder name (got {c.name!r})",
-    )
-    need(
-        c.dataset in data.DATASET_NAMES, f"unknown dataset {c.dataset!r}; choose one of {', '.join(data.DATASET_NAMES)}"
-    )
-    try:
-        check_architecture(**{name: getattr(c, name) for name in UNET_FIELDS})
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    need(c.schedule in BETA_SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
-    need(
-        not (c.zero_terminal_snr and c.parameterization == "eps"),
-        "zero_terminal_snr needs parameterization v or x0: at zero SNR an eps prediction says nothing about x0 "
-        "(Lin et al. 2023, Sec. 3.2)",
-    )
-    need(
-        c.min_snr_gamma >= 0,
-        f"min_snr_gamma must be >= 0 (got {c.min_snr_gamma}); 0 turns the weighting off, 5 is usual",
-    )
-    need(
-        not (c.min_snr_gamma and c.parameterization == "velocity"),
-        "min_snr_gamma applies to eps, x0 and v on a schedule, not to flow matching; set --min-snr-gamma 0",
-    )
-    need(c.flow_logit_std > 0, f"flow_logit_std must be > 0 (got {c.flow_logit_std})")
-    need(0.0 <= c.label_dropout < 1.0, f"label_dropout must be in [0, 1) (got {c.label_dropout}); 0.1 is usual")
-    need(
-        c.learning_rate > 0 and math.isfinite(c.learning_rate),
-        f"learning_rate must be a positive number (got {c.learning_rate})",
-    )
-    need(c.warmup_steps < c.steps, f"warmup_steps ({c.warmup_steps}) must be fewer than steps ({c.steps})")
-    need(c.weight_decay >= 0, f"weight_decay must be >= 0 (got {c.weight_decay})")
-    need(c.grad_clip > 0, f"grad_clip must be > 0 (got {c.grad_clip}); use inf for no clipping")
-    need(0.0 <= c.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {c.ema_decay}); 0.999 is usual")
-    need(
-        not (c.distributed and c.devices),
-        "with distributed=True every device of every host is used; leave devices at 0",
-    )
-    need(
-        c.sample_steps <= c.num_timesteps,
-        f"sample_steps ({c.sample_steps}) must be at most num_timesteps ({c.num_timesteps})",
-    )
-    need(c.sample_guidance >= 1.0, f"sample_guidance must be >= 1 (got {c.sample_guidance}); 1 means no guidance")
-
-
-def make_config(preset: str = "cpu", **overrides) -> Config:
-    """The named preset ("tiny", "cpu", "gpu") with ``overrides`` applied.
-
-    With ``resume=True`` the configuration saved in the run's last checkpoint
-    takes the preset's place, so ``make_config(resume=True, name="x")``
-    continues run "x" as it was started; overrides still apply (and are
-    checked against the checkpoint by ``train``).
-    """
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
-    if overrides.get("resume"):
-        # The run continues in the folder it is resumed from, even if it was renamed or moved since.
-        folder = dict(runs_dir=overrides.get("runs_dir", Config.runs_dir), name=overrides.get("name", Config.name))
-        ckpt_dir = Path(folder["runs_dir"]) / folder["name"] / "checkpoints"
-        last = checkpoint.latest(ckpt_dir)
-        if last is None:
-            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
-        saved = config_from_dict(checkpoint.read_json(last, "config.json"))
-        return dataclasses.replace(saved, **{**folder, **overrides})
-    return Config(**{**PRESETS[preset], **overrides})
-
-
-def config_from_dict(values: dict) -> Config:
-    """A Config from a saved ``config.json`` (fields it lacks take their defaults)."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in values.items() if k in known})
-
-
-# --- Model, state and the train step ----------------------------------------------
-
-
-def make_model(config: Config, rngs: nnx.Rngs) -> UNet:
-    """The U-Net that ``config`` describes."""
-    return UNet(**{f: getattr(config, f) for f in UNET_FIELDS}, rngs=rngs)
+from diffusion import checkpoint, data, files, guidance, pictures, losses, runs, samplers
+from diffusion.configs import Config, check_compatible
+from diffusion.errors import ConfigError
+from diffusion.unet import UNet, as_denoiser
 
 
 @jax.tree_util.register_dataclass
@@ -334,7 +89,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 def init_state(config: Config):
     """A freshly initialised model: returns (graphdef, TrainState). The seed decides everything."""
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    graphdef, params = nnx.split(make_model(config, nnx.Rngs(init_key)))
+    graphdef, params = nnx.split(runs.make_model(config, nnx.Rngs(init_key)))
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(train_key),
@@ -439,48 +194,8 @@ def to_host(tree):
 # --- Checkpoints ---------------------------------------------------------------
 
 
-def check_compatible(saved: dict, config: Config, where) -> None:
-    """Raise a ValueError naming the first architecture field in which a saved config differs from ``config``."""
-    saved_config = config_from_dict(saved)
-    for field in ARCHITECTURE_FIELDS:
-        if getattr(saved_config, field) != getattr(config, field):
-            raise ConfigError(
-                f"checkpoint {where} was trained with {field}={getattr(saved_config, field)!r}, "
-                f"but the config asks for {field}={getattr(config, field)!r}; use the checkpoint's value "
-                f"(or leave the flag out when resuming), or start a new run with another --name"
-            )
-
-
-def find_checkpoint(path) -> Path:
-    """``path`` itself if it is a checkpoint folder, else the last checkpoint of the run folder ``path``."""
-    path = Path(path)
-    if (path / "state.npz").exists():
-        return path
-    found = checkpoint.latest(path / "checkpoints")
-    if found is None:
-        raise ConfigError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
-    return found
-
-
-def load_config(path) -> Config:
-    """The resolved config saved with a checkpoint (or with the last checkpoint of a run folder)."""
-    return config_from_dict(checkpoint.read_json(find_checkpoint(path), "config.json"))
-
-
-def load_model(path, ema: bool = True) -> UNet:
-    """The U-Net saved in a checkpoint folder, or in the last checkpoint of a run folder.
-
-    ``ema=True`` (the default) loads the moving average of the weights, the
-    copy meant for sampling; ``ema=False`` the raw trained weights. Pair with
-    ``diffusion.unet.as_denoiser`` to sample.
-    """
-    path = find_checkpoint(path)
-    graphdef, template = nnx.split(nnx.eval_shape(lambda: make_model(load_config(path), nnx.Rngs(0))))
-    return nnx.merge(graphdef, checkpoint.load(path, template, prefix="ema" if ema else "params"))
-
-
 def _diverged(config: Config, what: str) -> FloatingPointError:
-    last = checkpoint.latest(config.run_dir / "checkpoints")
+    last = checkpoint.latest(runs.checkpoint_dir(config.run_dir))
     kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
     return FloatingPointError(
         f"training diverged: {what}. Stopped without saving; {kept}. "
@@ -494,13 +209,12 @@ def _save(config: Config, state: TrainState, **meta) -> Path:
     step = int(host_state.step)
     if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(host_state.params)):
         raise _diverged(config, f"the parameters after step {step} are not all finite")
-    path = config.run_dir / "checkpoints" / f"step_{step:08d}"
+    directory = runs.checkpoint_dir(config.run_dir)
+    path = directory / checkpoint.step_name(step)
     if jax.process_index() == 0:
         key = host_state.rng.tolist()
         meta = {"data_position": step, "seed": config.seed, "rng_key_data": key, "jax_version": jax.__version__, **meta}
-        path = checkpoint.save(
-            config.run_dir / "checkpoints", step, host_state, config.to_dict(), meta, config.keep_checkpoints
-        )
+        checkpoint.save(directory, step, host_state, config.to_dict(), meta, config.keep_checkpoints)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"checkpoint {step}")
     return path
@@ -546,16 +260,13 @@ def sample_grid(model: UNet, config: Config, per_class: int = 4) -> np.ndarray:
     else:
         run = dict(sampler="ddim", schedule=config.noise_schedule, spacing="trailing")
     x = samplers.sample(denoiser, x_T, steps=config.sample_steps, parameterization=kind, cond=cond, **run).x
-    return plotting.image_grid(np.asarray(x), ncols=per_class)
+    return pictures.image_grid(np.asarray(x), ncols=per_class)
 
 
 def _save_samples(config: Config, graphdef, state: TrainState) -> None:
     grid = sample_grid(nnx.merge(graphdef, to_host(state.ema)), config)
-    folder = config.run_dir / "samples"
-    folder.mkdir(exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
-        folder / f"step_{int(to_host(state.step)):08d}.png"
-    )
+    path = runs.samples_path(config.run_dir, int(to_host(state.step)))
+    files.write_atomically({path: pictures.png_bytes(grid, {})})
 
 
 # --- The loop ----------------------------------------------------------------------
@@ -563,8 +274,8 @@ def _save_samples(config: Config, graphdef, state: TrainState) -> None:
 
 def load_training_data(config: Config):
     """The training split of ``config.dataset`` as (uint8 images, labels), checked against the config."""
-    images, labels = data.load_dataset(config.dataset, "train")
-    shape = data.to_model_range(images[:1]).shape[1:]
+    pixels, labels = data.load_dataset(config.dataset, "train")
+    shape = data.to_model_range(pixels[:1]).shape[1:]
     if shape != (config.image_size, config.image_size, config.in_channels):
         raise ConfigError(
             f"dataset {config.dataset} has images of shape {shape}, "
@@ -575,7 +286,7 @@ def load_training_data(config: Config):
         raise ConfigError(
             f"dataset {config.dataset} has labels up to {labels.max()}, but num_classes={config.num_classes}"
         )
-    return images, labels
+    return pixels, labels
 
 
 class _CtrlC:
@@ -618,14 +329,15 @@ def train(config: Config, callback=None) -> TrainState:
         raise ConfigError(
             f"batch_size={config.batch_size} must be a multiple of the {mesh.size} devices it is split over"
         )
-    images, labels = load_training_data(config)
-    ckpt_dir, metrics_path = config.run_dir / "checkpoints", config.run_dir / "metrics.jsonl"
+    for folder in (Path(config.runs_dir), config.run_dir):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a folder: choose another --runs-dir or --name")
+    train_images, train_labels = load_training_data(config)
+    metrics_path = config.run_dir / "metrics.jsonl"
 
     if config.resume:
-        last = checkpoint.latest(ckpt_dir)
-        if last is None:
-            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
-        check_compatible(checkpoint.read_json(last, "config.json"), config, last)
+        last = runs.last_to_resume(config.run_dir)
+        check_compatible(runs.read_config(last)[1], config, last)
         graphdef, template = jax.eval_shape(lambda: init_state(config))  # shapes only: no initialisation needed
         state = checkpoint.load(last, template)
         start = int(checkpoint.read_json(last, "meta.json")["data_position"])
@@ -633,7 +345,7 @@ def train(config: Config, callback=None) -> TrainState:
             _trim_metrics(metrics_path, int(state.step))
         print(f"resuming {config.run_dir} from {last.name}")
     else:
-        if checkpoint.latest(ckpt_dir) is not None:
+        if checkpoint.latest(runs.checkpoint_dir(config.run_dir)) is not None:
             raise ConfigError(
                 f"{config.run_dir} already holds checkpoints; pass --resume to continue it, or choose another --name"
             )
@@ -648,7 +360,7 @@ def train(config: Config, callback=None) -> TrainState:
 
     state = put_state(mesh, state)
     step_fn = make_train_step(config, graphdef, mesh)
-    batches = data.batches(images, labels, config.batch_size, config.seed, start_step=start)
+    batches = data.batches(train_images, train_labels, config.batch_size, config.seed, start_step=start)
     first_step, interval_losses, timed_steps, step_seconds = int(state.step) + 1, [], 0, 0.0
     bar = tqdm(total=config.steps, initial=int(state.step), disable=not is_main, desc=config.name, unit="step")
     with _CtrlC() as ctrl_c, bar:

@@ -43,6 +43,7 @@ levels run at 28, 14, 7; with four levels at 32, 16, 8, 4.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -50,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion.errors import ConfigError, InputError, check_whole, is_whole
 from diffusion.forward import PARAMETERIZATIONS
 
 FLOW_TIME_SCALE = 1000.0
@@ -87,8 +89,7 @@ def group_norm(x, scale, bias, groups: int, epsilon: float = 1e-6):
     per-image, per-channel a and b. Differentiating that order gives a
     backward pass of the same shape: two per-channel sums and one elementwise
     pass. (Reducing over a (B, H, W, groups, C / groups) view instead, the
-    obvious way, ran up to 7x slower on XLA:CPU: GroupNorm + SiLU on a batch
-    of 64 28x28x16 activations took 3.7 ms instead of 0.5; see BENCHMARKS.md.)
+    obvious way, ran several times slower on XLA:CPU; measured in BENCHMARKS.md.)
     """
     B, H, W, C = x.shape
     x32 = x.astype(jnp.float32)
@@ -210,8 +211,9 @@ def _upsample(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-class UNet(nnx.Module):
-    """A class-conditional denoising U-Net (see the module docstring for the layout).
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Every setting of the U-Net, checked on construction (a ConfigError says what to change).
 
     Args:
         image_size: height = width of the inputs (28 for digits, 32 for CIFAR, 8 for a latent).
@@ -227,65 +229,71 @@ class UNet(nnx.Module):
         parameterization: what the output means: "eps", "x0", "v" or (flow models) "velocity".
         compute_dtype: "float32", or "bfloat16" for matmuls and convolutions on accelerators
             (parameters, normalisation and softmax stay float32).
-        rngs: the random initialisation, e.g. ``nnx.Rngs(0)``.
-
-    Every setting is checked here, so a bad one fails with a ValueError before anything compiles.
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int,
-        in_channels: int,
-        channels: int = 32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks: int = 1,
-        attention_resolutions=(7,),
-        num_heads: int = 1,
-        dropout: float = 0.0,
-        num_classes: int = 0,
-        norm_groups: int = 8,
-        parameterization: str = "eps",
-        compute_dtype: str = "float32",
-        rngs: nnx.Rngs,
-    ):
-        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        check_architecture(
-            image_size=image_size,
-            in_channels=in_channels,
-            channels=channels,
-            channel_mult=channel_mult,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            num_heads=num_heads,
-            dropout=dropout,
-            num_classes=num_classes,
-            norm_groups=norm_groups,
-            parameterization=parameterization,
-            compute_dtype=compute_dtype,
-        )
-        dtype = COMPUTE_DTYPES[compute_dtype]
-        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
-        self.parameterization = parameterization
-        self.time_scale = FLOW_TIME_SCALE if parameterization == "velocity" else 1.0
-        self.padded_size = padded_size(image_size, len(channel_mult))
-        self.channels = channels
+    image_size: int
+    in_channels: int
+    channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (7,)
+    num_heads: int = 1
+    dropout: float = 0.0
+    num_classes: int = 0
+    norm_groups: int = 8
+    parameterization: str = "eps"
+    compute_dtype: str = "float32"
 
-        emb_dim = 4 * channels
-        self.time_mlp1 = nnx.Linear(channels, emb_dim, dtype=dtype, rngs=rngs)
+    def __post_init__(self):
+        for name in ("channel_mult", "attention_resolutions"):  # lists from JSON or code become tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check(self)
+
+    @property
+    def resolutions(self) -> list[int]:
+        """The resolution of each level: the padded input size, halved per level."""
+        size = padded_size(self.image_size, len(self.channel_mult))
+        return [size // 2**i for i in range(len(self.channel_mult))]
+
+    @property
+    def widths(self) -> list[int]:
+        """The feature channels of each level."""
+        return [self.channels * m for m in self.channel_mult]
+
+
+# The UNetConfig fields, in order (the training config has a field of each name).
+UNET_FIELDS = tuple(f.name for f in dataclasses.fields(UNetConfig))
+
+
+class UNet(nnx.Module):
+    """A class-conditional denoising U-Net (see the module docstring for the layout), built from a ``UNetConfig``.
+
+    ``rngs`` is the random initialisation, e.g. ``nnx.Rngs(0)``.
+    """
+
+    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        dtype = COMPUTE_DTYPES[c.compute_dtype]
+        self.image_size, self.in_channels, self.num_classes = c.image_size, c.in_channels, c.num_classes
+        self.parameterization = c.parameterization
+        self.time_scale = FLOW_TIME_SCALE if c.parameterization == "velocity" else 1.0
+        self.padded_size = padded_size(c.image_size, len(c.channel_mult))
+        self.channels = c.channels
+
+        emb_dim = 4 * c.channels
+        self.time_mlp1 = nnx.Linear(c.channels, emb_dim, dtype=dtype, rngs=rngs)
         self.time_mlp2 = nnx.Linear(emb_dim, emb_dim, dtype=dtype, rngs=rngs)
-        self.label_emb = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs) if num_classes else None
+        self.label_emb = nnx.Embed(c.num_classes + 1, emb_dim, rngs=rngs) if c.num_classes else None
 
-        common = dict(norm_groups=norm_groups, dtype=dtype, rngs=rngs)
-        block = dict(dropout=dropout, **common)
-        level = dict(num_res_blocks=num_res_blocks, num_heads=num_heads, **block)
-        widths = [channels * m for m in channel_mult]
-        resolutions = [self.padded_size // 2**i for i in range(len(widths))]
-        attends = [r in attention_resolutions for r in resolutions]
+        common = dict(norm_groups=c.norm_groups, dtype=dtype, rngs=rngs)
+        block = dict(dropout=c.dropout, **common)
+        level = dict(num_res_blocks=c.num_res_blocks, num_heads=c.num_heads, **block)
+        widths = c.widths
+        attends = [r in c.attention_resolutions for r in c.resolutions]
 
-        self.conv_in = nnx.Conv(in_channels, channels, (3, 3), dtype=dtype, rngs=rngs)
+        self.conv_in = nnx.Conv(c.in_channels, c.channels, (3, 3), dtype=dtype, rngs=rngs)
         self.down, self.downsample = nnx.List(), nnx.List()
-        previous = channels
+        previous = c.channels
         for i, width in enumerate(widths):
             self.down.append(Level(previous, width, emb_dim, attention=attends[i], **level))
             if i < len(widths) - 1:
@@ -293,7 +301,7 @@ class UNet(nnx.Module):
             previous = width
 
         self.mid1 = ResBlock(widths[-1], widths[-1], emb_dim, **block)
-        self.mid_attention = Attention(widths[-1], num_heads=num_heads, **common)
+        self.mid_attention = Attention(widths[-1], num_heads=c.num_heads, **common)
         self.mid2 = ResBlock(widths[-1], widths[-1], emb_dim, **block)
 
         # Up levels mirror the down levels, from the lowest resolution to the
@@ -305,9 +313,9 @@ class UNet(nnx.Module):
             if i > 0:
                 self.upsample.append(nnx.Conv(widths[i], widths[i - 1], (3, 3), dtype=dtype, rngs=rngs))
 
-        self.norm_out = GroupNorm(widths[0], norm_groups)
+        self.norm_out = GroupNorm(widths[0], c.norm_groups)
         self.conv_out = nnx.Conv(
-            widths[0], in_channels, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs
+            widths[0], c.in_channels, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs
         )
 
     def __call__(self, x, t, labels=None, *, dropout_key=None):
@@ -319,12 +327,12 @@ class UNet(nnx.Module):
         """
         B, H, W, C = x.shape
         if (H, W, C) != (self.image_size, self.image_size, self.in_channels):
-            raise ValueError(
+            raise InputError(
                 f"this U-Net takes images of shape (B, {self.image_size}, {self.image_size}, {self.in_channels}); "
                 f"got {x.shape}"
             )
         if labels is not None and not self.num_classes:
-            raise ValueError("this U-Net is unconditional (num_classes=0); call it with labels=None")
+            raise InputError("this U-Net is unconditional (num_classes=0); call it with labels=None")
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (B,))
         emb = self.time_mlp2(nnx.silu(self.time_mlp1(timestep_embedding(t * self.time_scale, self.channels))))
@@ -360,74 +368,47 @@ def padded_size(image_size: int, num_levels: int) -> int:
     return -(-image_size // factor) * factor
 
 
-def check_architecture(
-    *,
-    image_size,
-    in_channels,
-    channels,
-    channel_mult,
-    num_res_blocks,
-    attention_resolutions,
-    num_heads,
-    dropout,
-    num_classes,
-    norm_groups,
-    parameterization,
-    compute_dtype,
-):
-    """Raise a ValueError that says what to change if the U-Net settings do not fit together."""
-
-    def positive_int(name, value):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1 (got {value!r})")
-
-    for name, value in dict(
-        image_size=image_size,
-        in_channels=in_channels,
-        channels=channels,
-        num_res_blocks=num_res_blocks,
-        num_heads=num_heads,
-        norm_groups=norm_groups,
-    ).items():
-        positive_int(name, value)
-    if not channel_mult:
-        raise ValueError("channel_mult needs at least one level, e.g. (1, 2, 2)")
-    for m in channel_mult:
-        positive_int("each channel_mult entry", m)
-    if not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be a whole number >= 0 (got {num_classes!r}); 0 means unconditional")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1) (got {dropout})")
-    if parameterization not in PARAMETERIZATIONS or parameterization == "score":
-        raise ValueError(f"parameterization must be one of eps, x0, v, velocity (got {parameterization!r})")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} (got {compute_dtype!r})")
-    size = padded_size(image_size, len(channel_mult))
-    resolutions = [size // 2**i for i in range(len(channel_mult))]
+def _check(c: UNetConfig):
+    """Raise a ConfigError that says what to change if the U-Net settings do not fit together."""
+    for name in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "norm_groups"):
+        check_whole(name, getattr(c, name), 1, ConfigError)
+    if not c.channel_mult:
+        raise ConfigError("channel_mult needs at least one level, e.g. (1, 2, 2)")
+    for m in c.channel_mult:
+        check_whole("each channel_mult entry", m, 1, ConfigError)
+    if not is_whole(c.num_classes, 0):
+        raise ConfigError(f"num_classes must be a whole number >= 0 (got {c.num_classes!r}); 0 means unconditional")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1) (got {c.dropout})")
+    if c.parameterization not in PARAMETERIZATIONS or c.parameterization == "score":
+        raise ConfigError(f"parameterization must be one of eps, x0, v, velocity (got {c.parameterization!r})")
+    if c.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} (got {c.compute_dtype!r})")
+    resolutions = c.resolutions
     if resolutions[-1] < 2:
-        raise ValueError(
-            f"{len(channel_mult)} levels halve a {image_size}×{image_size} input below 2×2; "
+        raise ConfigError(
+            f"{len(c.channel_mult)} levels halve a {c.image_size}×{c.image_size} input below 2×2; "
             "use fewer channel_mult entries"
         )
-    unknown = [r for r in attention_resolutions if r not in resolutions]
+    unknown = [r for r in c.attention_resolutions if r not in resolutions]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"attention_resolutions {unknown} match no level; for this image_size and channel_mult "
             f"the levels run at {resolutions}"
         )
-    for width, resolution in zip([channels * m for m in channel_mult], resolutions):
-        if width % norm_groups:
-            raise ValueError(
-                f"norm_groups={norm_groups} does not divide the {width} channels at resolution {resolution}"
+    for width, resolution in zip(c.widths, resolutions):
+        if width % c.norm_groups:
+            raise ConfigError(
+                f"norm_groups={c.norm_groups} does not divide the {width} channels at resolution {resolution}"
             )
-        if resolution in attention_resolutions and width % num_heads:
-            raise ValueError(
-                f"num_heads={num_heads} does not divide the {width} channels of the attention "
+        if resolution in c.attention_resolutions and width % c.num_heads:
+            raise ConfigError(
+                f"num_heads={c.num_heads} does not divide the {width} channels of the attention "
                 f"at resolution {resolution}"
             )
-    if channels * channel_mult[-1] % num_heads:
-        raise ValueError(
-            f"num_heads={num_heads} does not divide the {channels * channel_mult[-1]} channels of the middle attention"
+    if c.widths[-1] % c.num_heads:
+        raise ConfigError(
+            f"num_heads={c.num_heads} does not divide the {c.widths[-1]} channels of the middle attention"
         )
 
 

@@ -164,42 +164,6 @@ def test_batches_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------------------
-# 2-D toys
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["two_moons", "swiss_roll", "eight_gaussians", "checkerboard"])
-def test_toy_shape_determinism_and_scale(name):
-    x = data.sample_toy(name, 0, 20_000)
-    assert x.shape == (20_000, 2) and x.dtype == np.float32
-    np.testing.assert_array_equal(x, data.sample_toy(name, 0, 20_000))
-    assert not np.array_equal(x, data.sample_toy(name, 1, 20_000))
-    assert np.all(np.abs(x.mean(axis=0)) < 0.5)
-    assert np.all((x.std(axis=0) > 0.5) & (x.std(axis=0) < 1.5))
-
-
-def test_toy_shapes_are_what_they_claim():
-    # checkerboard: every point on a dark square (row + column even) of the 4 x 4 board.
-    board = data.sample_toy("checkerboard", 0, 5000) / (np.sqrt(3.0) / 2.0) + 2.0
-    assert np.all((board >= 0) & (board <= 4))
-    assert np.all(np.floor(board).astype(int).sum(axis=1) % 2 == 0)
-    # eight Gaussians: every point close to one of 8 centres, and all 8 used.
-    points = data.sample_toy("eight_gaussians", 0, 5000)
-    angles = 2 * np.pi * np.arange(8) / 8
-    centres = np.sqrt(2.0) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    distances = np.linalg.norm(points[:, None, :] - centres[None], axis=-1)
-    assert distances.min(axis=1).max() < 0.6
-    assert len(np.unique(distances.argmin(axis=1))) == 8
-
-
-def test_unknown_toy_lists_the_valid_names():
-    with pytest.raises(ValueError) as err:
-        data.sample_toy("spiral", 0, 10)
-    for name in data.TOY_NAMES:
-        assert name in str(err.value)
-
-
-# ---------------------------------------------------------------------------
 # IDX files
 # ---------------------------------------------------------------------------
 

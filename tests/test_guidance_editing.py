@@ -151,6 +151,8 @@ def test_inpainting_errors_are_clear():
         editing.inpaint(EPS, KNOWN, jnp.ones(3), x_T, **settings)
     with pytest.raises(ValueError, match="resample must be"):
         editing.inpaint(EPS, KNOWN, MASK, x_T, resample=0, **settings)
+    with pytest.raises(ValueError, match="resample must be"):
+        editing.inpaint(EPS, KNOWN, MASK, x_T, resample=True, **settings)
     with pytest.raises(ValueError, match="multistep"):
         editing.inpaint(EPS, KNOWN, MASK, x_T, resample=2, **{**settings, "sampler": "dpmpp_2m"})
     with pytest.raises(ValueError, match="pass key"):

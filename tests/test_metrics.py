@@ -197,6 +197,18 @@ def test_precision_recall_on_the_k_nearest_neighbour_radius_by_hand():
     assert recall == 1.0
 
 
+def test_counts_take_numpy_integers_and_refuse_bools():
+    real, fake = np.array([[0.0], [1.0], [3.0]]), np.array([[0.5], [5.0], [5.5]])
+    assert metrics.precision_recall(real, fake, k=np.int64(1)) == metrics.precision_recall(real, fake, k=1)
+    with pytest.raises(ValueError, match="k must be a whole number"):
+        metrics.precision_recall(real, fake, k=True)
+    assert metrics.sliced_wasserstein(real, fake, num_projections=np.int64(8)) == metrics.sliced_wasserstein(
+        real, fake, num_projections=8
+    )
+    with pytest.raises(ValueError, match="num_projections must be a whole number"):
+        metrics.sliced_wasserstein(real, fake, num_projections=True)
+
+
 # --- Sliced Wasserstein ------------------------------------------------------------
 
 

@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom in fast mode (DIFFUSION_FAST=1) without an error."""
 
-import os
 import pathlib
 
 import nbformat

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion import checkpoint, data, generate, plotting, training
+from diffusion import checkpoint, configs, data, evaluation, generate, pictures, noise, runs, training
 from diffusion.unet import as_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +41,11 @@ TILE = 28 + 2  # a digit and the grid's padding
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run folder of the tiny preset, with one checkpoint of random weights."""
-    config = training.make_config("tiny", runs_dir=str(tmp_path_factory.mktemp("runs")), name="tiny")
+    config = configs.make_config("tiny", runs_dir=str(tmp_path_factory.mktemp("runs")), name="tiny")
     _, template = jax.eval_shape(lambda: training.init_state(config))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda leaf: rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype), template)
-    checkpoint.save(config.run_dir / "checkpoints", 20, state, config.to_dict(), {"data_position": 20}, keep=1)
+    checkpoint.save(runs.checkpoint_dir(config.run_dir), 20, state, config.to_dict(), {"data_position": 20}, keep=1)
     return config.run_dir
 
 
@@ -68,7 +68,7 @@ def inputs(tmp_path_factory, run_dir):
         Image.fromarray(pixels).save(paths[name])
     corrupt = folder / "corrupt"
     shutil.copytree(run_dir, corrupt)
-    npz = checkpoint.latest(corrupt / "checkpoints") / "state.npz"
+    npz = checkpoint.latest(runs.checkpoint_dir(corrupt)) / "state.npz"
     npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
     return {**paths, "corrupt": corrupt, "pixels": digit}
 
@@ -116,7 +116,7 @@ def grid(run_dir, tmp_path_factory):
 def test_grid_carries_its_settings(grid, run_dir):
     assert sorted(grid) == [".gif", ".png", "_trajectory.png"]
     settings = generate.read_settings(grid[".png"])
-    last = checkpoint.latest(run_dir / "checkpoints")
+    last = checkpoint.latest(runs.checkpoint_dir(run_dir))
     assert settings == generate.Settings(
         checkpoint=str(last),
         sampler="ddim",
@@ -150,8 +150,8 @@ def test_trajectory_strip_and_gif_show_the_denoising(grid):
     frames = STEPS + 1
     strip = tiles(grid["_trajectory.png"], 2 * 4, frames)  # per image: a row of x_t, a row of predicted x0
     samples = tiles(grid[".png"], 2, 2).reshape(4, 28, 28)
-    noise = generate.seed_noise([3], (28, 28, 1))  # the first image: seed 3, label 1
-    assert np.array_equal(strip[0, 0], plotting.to_uint8(noise)[0, ..., 0])  # frame 0 is the seed's noise
+    x_T = noise.seed_noise([3], (28, 28, 1))  # the first image: seed 3, label 1
+    assert np.array_equal(strip[0, 0], pictures.to_uint8(x_T)[0, ..., 0])  # frame 0 is the seed's noise
     assert np.array_equal(strip[::2, -1], samples)  # the last frame is the sample
     assert np.all(strip[1::2, -1] == 255)  # nothing is predicted from the sample itself: blank
     assert not np.array_equal(strip[1, 0], strip[1, 1])  # a prediction per step
@@ -175,10 +175,10 @@ def test_interpolation_ends_are_the_single_seed_images(grid):
 
 
 def test_guidance_pushes_away_from_the_null_label_or_the_negative_label(run_dir):
-    opened = generate.open_checkpoint(run_dir)
-    model = generate.load_model(opened)
+    opened = runs.open_checkpoint(run_dir)
+    model = runs.load_model(opened)
     denoiser, _ = as_denoiser(model)
-    x, t, cond = generate.seed_noise([0, 1], (28, 28, 1)), jnp.full((2,), 500.0), jnp.array([3, 4])
+    x, t, cond = noise.seed_noise([0, 1], (28, 28, 1)), jnp.full((2,), 500.0), jnp.array([3, 4])
     settings = generate.default_settings(opened)  # guidance 3
     for negative_label, negative in [(None, 10), (7, 7)]:  # 10: the tiny model's null label
         guided = generate.guided_denoiser(model, dataclasses.replace(settings, negative_label=negative_label))
@@ -245,7 +245,7 @@ def test_bad_input_gives_one_line_exit_code_2_and_no_file(case, run_dir, inputs,
 def test_a_changed_checkpoint_is_caught_by_from_png(grid, tmp_path):
     settings = dataclasses.replace(generate.read_settings(grid[".png"]), checkpoint_sha256="0" * 64)
     png = tmp_path / "old.png"
-    png.write_bytes(generate.png_bytes(np.zeros((28, 28, 1), np.uint8), settings))
+    png.write_bytes(pictures.png_bytes(np.zeros((28, 28, 1), np.uint8), {generate.PNG_KEY: settings.to_json()}))
     code, _, stderr = run(sample.main, "--from-png", png, "--out", tmp_path / "out")
     assert code == 2 and "has changed since these settings were saved" in stderr
     assert not (tmp_path / "out").exists()
@@ -261,13 +261,13 @@ def test_the_real_entry_point_exits_with_code_2_and_one_line(tmp_path):
 
 def test_evaluate_prints_the_metrics_of_generated_digits(run_dir, monkeypatch):
     judged = []
-    evaluate_digits = evaluate.metrics.evaluate_digits
+    evaluate_digits = evaluation.metrics.evaluate_digits
 
     def recording(images, labels, **kwargs):
         judged.append(labels)
         return evaluate_digits(images, labels, **kwargs)
 
-    monkeypatch.setattr(evaluate.metrics, "evaluate_digits", recording)
+    monkeypatch.setattr(evaluation.metrics, "evaluate_digits", recording)
     code, stdout, stderr = run(
         evaluate.main, "--checkpoint", run_dir, "--n", 20, "--steps", STEPS, "--batch-size", BATCH, "--json"
     )
@@ -277,8 +277,8 @@ def test_evaluate_prints_the_metrics_of_generated_digits(run_dir, monkeypatch):
     assert row["n"] == 20 and row["sampler"] == "ddim" and row["steps"] == STEPS and row["nfe"] == STEPS
     assert 0.0 <= row["accuracy"] <= 1.0 and row["fid"] > row["floor"] > 0.0  # random weights: far from real digits
     assert row["sampling_s"] > 0 and 0.0 <= row["precision"] <= 1.0
-    table = evaluate.table(row)
+    table = evaluation.table(row)
     assert "classifier FID" in table and f"{row['fid']:.2f}" in table
 
     code, stdout, stderr = run(evaluate.main, "--checkpoint", run_dir, "--n", 25)
-    assert code == 2 and stderr == "error: --n must be at least 4 and a multiple of the 10 classes (got 25)\n"
+    assert code == 2 and stderr == "error: n must be at least 4 and a multiple of the 10 classes (got 25)\n"

@@ -300,6 +300,7 @@ BAD = [
     (dict(steps=0), "steps must be a whole number"),
     (dict(steps=1001), "at most the schedule's 1000"),
     (dict(steps=2.5), "steps must be a whole number"),
+    (dict(steps=True), "steps must be a whole number"),
     (dict(spacing="karras"), "takes spacing"),
     (dict(offset=1, spacing="trailing"), "offset applies only"),
     (dict(eta=1.5), "eta must be in"),
@@ -321,6 +322,12 @@ def test_bad_input_is_one_clear_error_before_compiling(change, message):
     with pytest.raises(ValueError, match=message):
         sample(EPS, jnp.zeros((4, 2)), **settings)
     assert samplers._scan._cache_size() == before
+
+
+def test_steps_may_be_a_numpy_integer():
+    settings = dict(schedule=SCHEDULE, parameterization="eps")
+    plan = make_plan("ddim", steps=np.int64(10), **settings)
+    np.testing.assert_array_equal(plan.grid.alpha_bar, make_plan("ddim", steps=10, **settings).grid.alpha_bar)
 
 
 def test_euler_ancestral_stays_finite_when_the_first_sigma_is_huge():

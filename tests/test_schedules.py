@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from diffusion.errors import InputError
 from diffusion.schedules import (
     BETA_SCHEDULES,
     Schedule,
@@ -139,6 +140,23 @@ def test_timestep_spacing(steps, spacing, offset, expected):
 def test_bad_spacing_settings(steps, spacing, message):
     with pytest.raises(ValueError, match=message):
         timesteps(Schedule(), steps, spacing)
+
+
+@pytest.mark.parametrize(
+    "count_with, message",
+    [
+        (lambda n: Schedule(num_timesteps=n), "num_timesteps must be a whole number"),
+        (lambda n: timesteps(Schedule(), n), "steps must be a whole number"),
+        (lambda n: karras_sigmas(n, 0.03, 14.6), "steps must be a whole number"),
+        (lambda n: flow_timesteps(n), "steps must be a whole number"),
+    ],
+)
+def test_counts_take_numpy_integers_and_refuse_bools(count_with, message):
+    # One rule for every count (diffusion.errors.is_whole): np.int64(3) is 3, True is a mistake.
+    count_with(np.int64(3))
+    count_with(3)
+    with pytest.raises(InputError, match=message):
+        count_with(True)
 
 
 # --- Continuous sigma(t), Karras sigmas and the flow grid.

@@ -11,10 +11,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import randomized
 from flax import nnx
-from test_unet import randomized
 
-from diffusion import training
+from diffusion import configs, runs, training
 from diffusion.unet import as_denoiser
 
 torch = pytest.importorskip("torch", reason="PyTorch is only for benchmarks/bench_train.py; `make bench` installs it")
@@ -38,8 +38,8 @@ def nchw(x):
     ],
 )
 def test_twin_predicts_what_the_unet_predicts(preset, overrides):
-    config = training.make_config(preset, **overrides)
-    model = randomized(training.make_model(config, nnx.Rngs(0)))  # no zero layers: the output depends on everything
+    config = configs.make_config(preset, **overrides)
+    model = randomized(runs.make_model(config, nnx.Rngs(0)))  # no zero layers: the output depends on everything
     denoiser, _ = as_denoiser(model)
     twin = torch_unet.from_flax(model)
     rng = np.random.default_rng(2)
@@ -56,7 +56,7 @@ def test_twin_predicts_what_the_unet_predicts(preset, overrides):
 
 def test_twin_train_step_computes_the_projects_loss_and_gradient():
     # The tiny network compiles quickly; the objective is the cpu preset's (v, cosine, min-SNR 5).
-    config = training.make_config("tiny", batch_size=B, label_dropout=0.5)
+    config = configs.make_config("tiny", batch_size=B, label_dropout=0.5)
     graphdef, state = training.init_state(config)
     state.params = nnx.state(randomized(nnx.merge(graphdef, state.params)))
     twin_step = torch_unet.TrainStep(torch_unet.from_flax(nnx.merge(graphdef, state.params)), config)

@@ -8,24 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffusion.unet import GroupNorm, UNet, as_denoiser, check_architecture, group_norm, padded_size, timestep_embedding
+from conftest import randomized
+from diffusion.errors import ConfigError
+from diffusion.unet import GroupNorm, UNet, UNetConfig, as_denoiser, group_norm, padded_size, timestep_embedding
 
 SMALL = dict(channels=8, norm_groups=4, num_classes=10)
 
 
 def make(rngs_seed=0, **settings):
-    return UNet(**{**SMALL, **settings}, rngs=nnx.Rngs(rngs_seed))
-
-
-def randomized(model, seed=1):
-    """A copy of model with every parameter perturbed (by NumPy, which needs no compiling).
-
-    A fresh model has its residual branches and output convolution at zero, so
-    it predicts 0 whatever its inputs; these tests need it to depend on them.
-    """
-    graphdef, state = nnx.split(model)
-    rng = np.random.default_rng(seed)
-    return nnx.merge(graphdef, jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), state))
+    return UNet(UNetConfig(**{**SMALL, **settings}), rngs=nnx.Rngs(rngs_seed))
 
 
 @pytest.mark.parametrize(
@@ -210,9 +201,15 @@ GOOD = dict(
     ],
 )
 def test_bad_settings_say_what_to_change(change, message):
-    check_architecture(**GOOD)
-    with pytest.raises(ValueError, match=message):
-        check_architecture(**{**GOOD, **change})
+    UNetConfig(**GOOD)
+    with pytest.raises(ConfigError, match=message):
+        UNetConfig(**{**GOOD, **change})
+
+
+def test_whole_number_settings_refuse_bools_and_take_numpy_integers():
+    assert UNetConfig(**{**GOOD, "num_res_blocks": np.int64(2)}).num_res_blocks == 2
+    with pytest.raises(ConfigError, match="num_res_blocks must be a whole number >= 1"):
+        UNetConfig(**{**GOOD, "num_res_blocks": True})
 
 
 @pytest.mark.parametrize("shape, groups", [((4, 7, 7, 16), 8), ((3, 5, 6, 12), 4), ((2, 4, 4, 8), 1), ((2, 3, 3, 8), 8)])

@@ -1,0 +1,133 @@
+"""What the command-line tools share: their flags, how a flag's text is read, and how errors are reported.
+
+``train.py``, ``sample.py`` and ``evaluate.py`` (and the benchmarks) stand side by
+side on the library and never import each other; what they have in common is
+here. ``config_from_flags`` reads ``train.py``'s command line (every field of
+``diffusion.configs.Config`` is a flag); ``sampling_flags`` is the parser with
+the flags that choose a model and how it samples, which ``sample.py`` and
+``evaluate.py`` extend; ``run_main`` turns any bad input into one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+
+from diffusion import configs, runs, samplers
+from diffusion.errors import InputError, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of printing the usage and exiting, so ``run_main`` reports
+    it like any other bad input."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def run_main(main, argv=None, *, interrupted: str = "interrupted: nothing was written") -> int:
+    """``main(argv)``'s exit status; bad input (an InputError, or a file that cannot be read or written) becomes
+    one line on stderr and status 2, a diverged training run status 1, Ctrl-C status 130."""
+    try:
+        return main(argv)
+    except (InputError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:  # training stopped: the loss or the weights are no longer finite
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+
+
+# --- train.py ----------------------------------------------------------------------------------
+
+
+def _flag_type(field):
+    """How to read a field's value from the command line: ints, floats, strings, and comma-separated tuples."""
+    default = field.default
+    if isinstance(default, tuple):
+        return lambda text: tuple(int(v) for v in text.split(",") if v.strip())
+    return type(default)
+
+
+def config_from_flags(argv=None, description: str | None = None) -> configs.Config:
+    """The Config a ``train.py`` command line asks for: ``--preset`` and then every Config field as a flag
+    (``--learning-rate 1e-3``, ``--channel-mult 1,2,2``); with ``--resume`` the run's saved config instead of
+    the preset (``runs.resume_config``)."""
+    parser = Parser(description=description)
+    parser.add_argument(
+        "--preset",
+        default="cpu",
+        choices=configs.PRESETS,
+        help="starting point (default: cpu); flags override its fields",
+    )
+    for field in dataclasses.fields(configs.Config):
+        flag, shown = "--" + field.name.replace("_", "-"), field.default
+        shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
+        kind = (
+            dict(action=argparse.BooleanOptionalAction)
+            if isinstance(field.default, bool)
+            else dict(type=_flag_type(field))
+        )
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=f"cpu preset: {shown}", **kind)
+    overrides = vars(parser.parse_args(argv))
+    preset = overrides.pop("preset")
+    if overrides.get("resume"):
+        return runs.resume_config(**overrides)
+    return configs.make_config(preset, **overrides)
+
+
+# --- sample.py and evaluate.py --------------------------------------------------------------
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """'7' -> (7,); '0-3' -> (0, 1, 2, 3); '1,5,9' -> (1, 5, 9); lists may hold ranges."""
+    seeds = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise argparse.ArgumentTypeError(f"seeds are whole numbers >= 0, ranges like 0-15 or lists (got {text!r})")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise argparse.ArgumentTypeError(f"the range {part.strip()} runs backwards; write {last}-{first}")
+        seeds.extend(range(first, last + 1))
+    return tuple(seeds)
+
+
+def label(text: str) -> int | None:
+    """'3' -> 3; 'none' -> None, the null label (no class)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a label is a class number or none (got {text!r})") from None
+
+
+def label_list(text: str) -> tuple[int | None, ...]:
+    """'3' -> (3,); '0,1,2' -> (0, 1, 2); 'none' -> (None,)."""
+    return tuple(label(part) for part in text.split(","))
+
+
+def sampling_flags(description: str) -> Parser:
+    """A parser with the flags that choose the model and how it samples (``sample.py`` and ``evaluate.py``).
+
+    Flags left out are None: the checkpoint's defaults apply (``generate.default_settings``).
+    """
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = parser.add_argument
+    flag(
+        "--checkpoint",
+        help=f"a run folder (its last checkpoint) or a checkpoint folder (default: {runs.DEFAULT_RUN})",
+    )
+    flag("--sampler", choices=samplers.SAMPLERS, help="default: ddim, or flow_euler for a flow-matching model")
+    flag("--steps", type=int, help="sampler steps (default: 25)")
+    flag("--spacing", choices=("linspace", "leading", "trailing", "karras"), help="timesteps (default: the sampler's)")
+    flag("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: 3; 1 if unconditional)")
+    flag("--batch-size", type=int, help="images per compiled batch (default: 64)")
+    return parser

@@ -1,0 +1,242 @@
+"""What a run is: the settings of a training run (``Config``), the presets, and their checks.
+
+One frozen ``Config`` holds every setting of a run: where it lives, the data,
+the network (``Config.unet`` is the ``diffusion.unet.UNetConfig`` it describes),
+the objective, the optimisation and what the run writes. ``make_config(preset,
+**overrides)`` starts from a preset; every field is also a flag of ``train.py``.
+Every value is checked on construction, so a bad setting raises a
+``ConfigError`` that names it before anything is loaded or compiled.
+
+A run saves its ``Config`` with every checkpoint (``config.json``, via
+``to_dict``), under the key ``"kind"`` the kind of model it holds;
+``diffusion.runs`` reads it back. ``check_compatible`` says whether a saved
+run can be resumed with a given config: only the fields that decide what the
+network computes (``ARCHITECTURE_FIELDS``) must agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import ClassVar
+
+from diffusion import data
+from diffusion.errors import ConfigError, check_whole
+from diffusion.schedules import BETA_SCHEDULES, Schedule
+from diffusion.unet import UNET_FIELDS, UNetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a training run; each field is also a flag of ``train.py`` (``--learning-rate 1e-3``).
+
+    The defaults are the ``cpu`` preset: class-conditional digits from the
+    embedded MNIST on a laptop CPU. Invalid values raise a ConfigError on
+    construction.
+    """
+
+    kind: ClassVar[str] = "denoiser"  # what the run's checkpoints hold (see diffusion.runs)
+
+    # Run
+    name: str = "default"  # the run folder is <runs_dir>/<name>
+    runs_dir: str = "runs"
+    seed: int = 0
+    resume: bool = False  # continue from the run folder's last checkpoint
+    # Data
+    dataset: str = "mnist-embedded"  # see diffusion.data.DATASET_NAMES
+    image_size: int = 28
+    in_channels: int = 1
+    num_classes: int = 10  # 0 trains an unconditional model
+    # Network (diffusion.unet.UNetConfig)
+    channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (7,)
+    num_heads: int = 1
+    norm_groups: int = 8
+    dropout: float = 0.0
+    # Objective (diffusion.losses)
+    parameterization: str = "v"  # eps, x0, v (on the schedule) or velocity (flow matching)
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma weighting (Hang et al. 2023; 5 is usual); 0 = off
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    label_dropout: float = 0.1
+    # Optimisation
+    batch_size: int = 64
+    steps: int = 1600
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # maximum global gradient norm
+    ema_decay: float = 0.995  # an average over the last ~1 / (1 - decay) = 200 steps
+    compute_dtype: str = "float32"  # bfloat16: faster matmuls and convolutions on accelerators
+    devices: int = 0  # how many local devices to use; 0 = all
+    distributed: bool = False  # call jax.distributed.initialize() first (multi-host runs)
+    # Output
+    log_every: int = 50
+    checkpoint_every: int = 400
+    keep_checkpoints: int = 3
+    sample_every: int = 400  # a grid of samples from the EMA model every this many steps (and at the end); 0 = never
+    sample_steps: int = 25  # DDIM (trailing spacing) or flow Euler steps for the grid
+    sample_guidance: float = 3.0  # classifier-free guidance scale for the grid; 1 = none
+
+    def __post_init__(self):
+        for name in ("channel_mult", "attention_resolutions"):  # lists from JSON or code become tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _validate(self)
+
+    @property
+    def unet(self) -> UNetConfig:
+        """The network this run trains."""
+        return UNetConfig(**{name: getattr(self, name) for name in UNET_FIELDS})
+
+    @property
+    def noise_schedule(self) -> Schedule:
+        """The schedule of the forward process this run trains on (unused by flow models)."""
+        return Schedule(self.schedule, self.num_timesteps, zero_terminal_snr=self.zero_terminal_snr)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict:
+        """The settings as saved in ``config.json``: the kind, then every field."""
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+# The settings that decide what the network computes: a checkpoint can only be
+# resumed with the same values.
+ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "compute_dtype")) + (
+    "schedule",
+    "num_timesteps",
+    "zero_terminal_snr",
+)
+
+PRESETS = {
+    # For tests and a first look: seconds on a CPU, nothing learned.
+    "tiny": dict(
+        channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(14,),
+        norm_groups=4,
+        batch_size=16,
+        steps=20,
+        warmup_steps=5,
+        log_every=5,
+        checkpoint_every=10,
+        sample_every=20,
+        sample_steps=2,
+    ),
+    # The default: the Config defaults above.
+    "cpu": dict(),
+    # A larger model for a GPU, on the full MNIST (or --dataset fashion-mnist); 28 is padded to 32.
+    "gpu": dict(
+        dataset="mnist",
+        channels=64,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16, 8),
+        num_heads=4,
+        norm_groups=32,
+        dropout=0.1,
+        min_snr_gamma=5.0,
+        batch_size=256,
+        steps=30_000,
+        learning_rate=5e-4,
+        warmup_steps=1000,
+        ema_decay=0.9995,
+        log_every=100,
+        checkpoint_every=2000,
+    ),
+}
+
+
+def _validate(c: Config):
+    """Raise a ConfigError naming the setting to change, before anything is loaded or compiled."""
+
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(message)
+
+    for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_timesteps"):
+        check_whole(name, getattr(c, name), 1, ConfigError)
+    check_whole("sample_steps", c.sample_steps, 1, ConfigError)
+    for name in ("seed", "warmup_steps", "devices", "sample_every"):
+        check_whole(name, getattr(c, name), 0, ConfigError)
+    need(
+        bool(c.name) and "/" not in c.name and c.name not in (".", ".."),
+        f"name must be a plain folder name (got {c.name!r})",
+    )
+    need(
+        c.dataset in data.DATASET_NAMES, f"unknown dataset {c.dataset!r}; choose one of {', '.join(data.DATASET_NAMES)}"
+    )
+    c.unet  # the network's own checks (a ConfigError)
+    need(c.schedule in BETA_SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+    need(
+        not (c.zero_terminal_snr and c.parameterization == "eps"),
+        "zero_terminal_snr needs parameterization v or x0: at zero SNR an eps prediction says nothing about x0 "
+        "(Lin et al. 2023, Sec. 3.2)",
+    )
+    need(
+        c.min_snr_gamma >= 0,
+        f"min_snr_gamma must be >= 0 (got {c.min_snr_gamma}); 0 turns the weighting off, 5 is usual",
+    )
+    need(
+        not (c.min_snr_gamma and c.parameterization == "velocity"),
+        "min_snr_gamma applies to eps, x0 and v on a schedule, not to flow matching; set --min-snr-gamma 0",
+    )
+    need(c.flow_logit_std > 0, f"flow_logit_std must be > 0 (got {c.flow_logit_std})")
+    need(0.0 <= c.label_dropout < 1.0, f"label_dropout must be in [0, 1) (got {c.label_dropout}); 0.1 is usual")
+    need(
+        c.learning_rate > 0 and math.isfinite(c.learning_rate),
+        f"learning_rate must be a positive number (got {c.learning_rate})",
+    )
+    need(c.warmup_steps < c.steps, f"warmup_steps ({c.warmup_steps}) must be fewer than steps ({c.steps})")
+    need(c.weight_decay >= 0, f"weight_decay must be >= 0 (got {c.weight_decay})")
+    need(c.grad_clip > 0, f"grad_clip must be > 0 (got {c.grad_clip}); use inf for no clipping")
+    need(0.0 <= c.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {c.ema_decay}); 0.999 is usual")
+    need(
+        not (c.distributed and c.devices),
+        "with distributed=True every device of every host is used; leave devices at 0",
+    )
+    need(
+        c.sample_steps <= c.num_timesteps,
+        f"sample_steps ({c.sample_steps}) must be at most num_timesteps ({c.num_timesteps})",
+    )
+    need(c.sample_guidance >= 1.0, f"sample_guidance must be >= 1 (got {c.sample_guidance}); 1 means no guidance")
+
+
+def make_config(preset: str = "cpu", **overrides) -> Config:
+    """The named preset ("tiny", "cpu", "gpu") with ``overrides`` applied.
+
+    With ``resume=True`` use ``diffusion.runs.resume_config`` instead, which
+    starts from the configuration saved in the run's last checkpoint.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
+    return Config(**{**PRESETS[preset], **overrides})
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from a saved ``config.json`` (fields it lacks take their defaults; the kind and unknown keys are
+    ignored)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in values.items() if k in known})
+
+
+def check_compatible(saved: Config, config: Config, where) -> None:
+    """Raise a ConfigError naming the first architecture field in which a saved config differs from ``config``."""
+    for field in ARCHITECTURE_FIELDS:
+        if getattr(saved, field) != getattr(config, field):
+            raise ConfigError(
+                f"checkpoint {where} was trained with {field}={getattr(saved, field)!r}, "
+                f"but the config asks for {field}={getattr(config, field)!r}; use the checkpoint's value "
+                f"(or leave the flag out when resuming), or start a new run with another --name"
+            )

@@ -1,0 +1,84 @@
+"""Judging a checkpoint: generate digits with given settings and measure them against real ones.
+
+``digit_settings`` lays out n digits (seeds counting up, each drawn once per
+class, so n / 10 per class); ``evaluate`` generates them and judges them with
+``diffusion.metrics.evaluate_digits`` against the 1,000 held-out real digits:
+classifier accuracy, classifier FID beside its real-vs-real floor (the score of
+a perfect generator at this n), precision and recall. ``evaluate.py`` and the
+quality benchmarks are thin over these two.
+"""
+
+from __future__ import annotations
+
+import time
+
+from diffusion import generate, metrics, runs, samplers
+from diffusion.errors import GenerationError
+
+DIGIT_DATASETS = ("mnist-embedded", "mnist")  # what the metrics' classifier knows
+
+
+def digit_settings(checkpoint: runs.Checkpoint, n: int = 1000, first_seed: int = 0, **choices) -> generate.Settings:
+    """n digits of ``checkpoint``, seeds counting up from ``first_seed``, each drawn once per class; ``choices``
+    (Settings fields: sampler, steps, guidance, ...) over the checkpoint's defaults."""
+    config = checkpoint.config
+    if config.dataset not in DIGIT_DATASETS or (config.image_size, config.in_channels) != (28, 1):
+        raise GenerationError(
+            f"the metrics judge 28×28 MNIST digits; this checkpoint makes {config.image_size}×{config.image_size}×"
+            f"{config.in_channels} images of {config.dataset}"
+        )
+    classes = max(config.num_classes, 1)
+    if n < 4 or n % classes:
+        raise GenerationError(f"n must be at least 4 and a multiple of the {classes} classes (got {n})")
+    seeds = tuple(range(first_seed, first_seed + n // classes))
+    return generate.default_settings(checkpoint, seeds=seeds, **choices)
+
+
+def evaluate(settings: generate.Settings, reference: str = "test", checkpoint: runs.Checkpoint | None = None) -> dict:
+    """Generate the digits of ``settings`` and measure them: the settings that matter, the metrics and the times.
+
+    ``checkpoint``: ``settings.checkpoint`` already opened, if it is.
+    """
+    started = time.perf_counter()
+    generation = generate.generate(settings, checkpoint=checkpoint, progress=True)
+    sampled = time.perf_counter()
+    labels = None if generation.labels[0] is None else list(generation.labels)
+    results = metrics.evaluate_digits(generation.images, labels, reference=reference)
+    return {
+        "checkpoint": settings.checkpoint,
+        "sampler": settings.sampler,
+        "steps": settings.steps,
+        "spacing": settings.spacing or samplers.SAMPLERS[settings.sampler].spacing,  # None for flow samplers
+        "guidance": settings.guidance,
+        "first_seed": settings.seeds[0],
+        "reference": reference,
+        **results,
+        "nfe": generation.nfe,
+        "sampling_s": sampled - started,
+        "metrics_s": time.perf_counter() - sampled,
+    }
+
+
+def table(row: dict) -> str:
+    """The results as a small text table, each generated figure beside what real digits score."""
+
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = [
+        ("", "generated", "real digits"),
+        ("accuracy", number(row["accuracy"]), "-"),
+        ("classifier FID", number(row["fid"], 2), f"{row['floor']:.2f} ± {row['floor_std']:.2f}"),
+        ("precision", number(row["precision"]), number(row["floor_precision"])),
+        ("recall", number(row["recall"]), number(row["floor_recall"])),
+    ]
+    header = (
+        f"{row['checkpoint']}: {row['sampler']} ({row['spacing'] or 'flow'} timesteps), {row['steps']} steps, "
+        f"guidance {row['guidance']:g}, "
+        f"{row['nfe']} network calls per digit"
+    )
+    footer = (
+        f"n = {row['n']} against the {row['reference']} digits; sampling {row['sampling_s']:.1f} s "
+        f"({row['n'] / row['sampling_s']:.1f} digits/s), metrics {row['metrics_s']:.1f} s"
+    )
+    return "\n".join([header, "", *(f"{name:16}{ours:>12}{real:>16}" for name, ours, real in rows), "", footer])

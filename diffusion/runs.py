@@ -1,0 +1,262 @@
+"""Where a run lives: its folder, its checkpoints, the kind of model they hold, and loading it in one call.
+
+A run folder ``<runs_dir>/<name>/`` (the layout is spelled here and nowhere else):
+
+    checkpoints/step_XXXXXXXX/   one checkpoint per saved step (``diffusion.checkpoint``):
+                                 state.npz, config.json, meta.json
+    metrics.jsonl, loss.png      what training logged
+    samples/step_XXXXXXXX.png    grids drawn during training
+
+What a checkpoint holds is its **kind**, the ``"kind"`` key of its
+``config.json`` (checkpoints written before kinds were recorded hold no key;
+they are denoisers). Each kind in ``KINDS`` says how to read its config and
+rebuild its model, which other runs it depends on (``Reference``: a latent
+model names its autoencoder, a distilled student its teacher, an adapter its
+base, each by path and sha256), and what a sampler needs from it. Today there
+is one kind:
+
+    denoiser   a U-Net that predicts eps / x0 / v (or a flow velocity), in pixel space,
+               conditioned on class labels (``num_classes`` > 0) or on nothing
+
+``open_checkpoint(path)`` resolves a run or checkpoint folder once, reads its
+config and hashes its weights; ``load(checkpoint)`` returns the model with its
+denoiser, parameterization and conditioning. Every problem is a
+``CheckpointError`` that says what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from flax import nnx
+
+from diffusion import checkpoint
+from diffusion.files import sha256_of
+from diffusion.configs import Config, config_from_dict
+from diffusion.errors import CheckpointError, ConfigError
+from diffusion.unet import UNet, as_denoiser
+
+DEFAULT_RUN = "runs/default"  # what make demo trains and sample.py / evaluate.py read by default
+
+
+def checkpoint_dir(run_dir) -> Path:
+    """The folder of a run's checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def samples_path(run_dir, step: int) -> Path:
+    """The grid drawn at ``step`` during training."""
+    return Path(run_dir) / "samples" / f"{checkpoint.step_name(step)}.png"
+
+
+# --- Kinds of model -------------------------------------------------------------------
+
+
+class Reference(NamedTuple):
+    """Another run that a run depends on (its role, e.g. "autoencoder"), pinned by the sha256 of its weights."""
+
+    role: str
+    path: str
+    sha256: str
+
+
+class Conditioning(NamedTuple):
+    """What a model is conditioned on: ``"label"`` (classes 0 .. num_classes-1, null label num_classes) or
+    ``"none"``."""
+
+    kind: str
+    num_classes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of model a run can hold.
+
+    config_from_dict: its settings from ``config.json``; make_model: the model of
+    those settings (``nnx.Rngs`` decide the initial weights); references: the
+    runs it depends on; conditioning: what it is conditioned on.
+    """
+
+    config_from_dict: Callable[[dict], Any]
+    make_model: Callable[[Any, nnx.Rngs], nnx.Module]
+    references: Callable[[Any], tuple[Reference, ...]]
+    conditioning: Callable[[Any], Conditioning]
+
+
+def make_model(config: Config, rngs: nnx.Rngs) -> UNet:
+    """The U-Net that a denoiser run's ``config`` describes."""
+    return UNet(config.unet, rngs=rngs)
+
+
+def _label_conditioning(config: Config) -> Conditioning:
+    return Conditioning("label", config.num_classes) if config.num_classes else Conditioning("none")
+
+
+KINDS = {
+    "denoiser": Kind(
+        config_from_dict=config_from_dict,
+        make_model=make_model,
+        references=lambda config: (),  # pixel-space, trained from scratch: it depends on no other run
+        conditioning=_label_conditioning,
+    ),
+}
+
+
+# --- Checkpoints ----------------------------------------------------------------------
+
+
+class Checkpoint(NamedTuple):
+    """A resolved checkpoint folder: its kind, the configuration it was trained with, the sha256 of its weights."""
+
+    path: Path
+    kind: str
+    config: Any
+    sha256: str
+
+    @property
+    def run_name(self) -> str:
+        """The run folder's name (the checkpoint folder's own name if it lies outside a run)."""
+        return self.path.parent.parent.name if self.path.parent.name == "checkpoints" else self.path.name
+
+    @property
+    def step(self) -> int | None:
+        """The training step it was saved at, read from its folder name (None for another name)."""
+        return checkpoint.step_of(self.path)
+
+
+def find_checkpoint(path) -> Path:
+    """``path`` itself if it is a checkpoint folder, else the last checkpoint of the run folder ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: train one with train.py, or name another")
+    if (path / "state.npz").exists():
+        return path
+    found = checkpoint.latest(checkpoint_dir(path))
+    if found is None:
+        raise CheckpointError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
+    return found
+
+
+def _unreadable(path, error) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} cannot be read ({error}): use another checkpoint of the run")
+
+
+def read_config(path) -> tuple[str, Any]:
+    """``(kind, config)`` saved with the checkpoint folder ``path``."""
+    try:
+        values = checkpoint.read_json(path, "config.json")
+    except (OSError, ValueError) as error:
+        raise _unreadable(path, error) from None
+    kind = values.get("kind", "denoiser") if isinstance(values, dict) else None  # no key: written before kinds
+    if kind not in KINDS:
+        raise CheckpointError(
+            f"checkpoint {path} holds a model of kind {kind!r}, which this code does not know "
+            f"(it knows {', '.join(KINDS)}): was it written by a newer version?"
+        )
+    try:
+        return kind, KINDS[kind].config_from_dict(values)
+    except (ValueError, TypeError) as error:  # a ConfigError among them
+        raise CheckpointError(f"checkpoint {path} has settings this code cannot use ({error})") from None
+
+
+def check_reference(reference: Reference, where) -> None:
+    """Raise a CheckpointError unless the run that ``reference`` names still has the weights it was pinned to."""
+    try:
+        found = find_checkpoint(reference.path)
+        actual = sha256_of(found / "state.npz")
+    except (CheckpointError, OSError) as error:
+        raise CheckpointError(f"{where} needs its {reference.role} {reference.path}, which cannot be read "
+                              f"({error})") from None
+    if actual != reference.sha256:
+        raise CheckpointError(
+            f"{where} was made with the {reference.role} {reference.path} of sha256 {reference.sha256[:12]}…, "
+            f"but {found} now has sha256 {actual[:12]}…: restore that {reference.role}, or retrain {where}"
+        )
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """The checkpoint folder ``path``, or the last checkpoint of the run folder ``path``: resolved, its config read,
+    its weights hashed, the runs it depends on checked, all once. The weights are read by ``load``."""
+    found = find_checkpoint(path)
+    kind, config = read_config(found)
+    try:
+        sha256 = sha256_of(found / "state.npz")
+    except OSError as error:
+        raise _unreadable(found, error) from None
+    for reference in KINDS[kind].references(config):
+        check_reference(reference, found)
+    return Checkpoint(found, kind, config, sha256)
+
+
+def load_model(opened: Checkpoint, ema: bool = True) -> nnx.Module:
+    """The model saved in an opened checkpoint.
+
+    ``ema=True`` (the default) loads the moving average of the weights, the
+    copy meant for sampling; ``ema=False`` the raw trained weights.
+    """
+    make = KINDS[opened.kind].make_model
+    graphdef, template = nnx.split(nnx.eval_shape(lambda: make(opened.config, nnx.Rngs(0))))
+    try:
+        weights = checkpoint.load(opened.path, template, prefix="ema" if ema else "params")
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"checkpoint {opened.path} is corrupt or incomplete ({error}): use another checkpoint of the run"
+        ) from None
+    return nnx.merge(graphdef, weights)
+
+
+class Loaded(NamedTuple):
+    """What ``load`` returns: the model and what sampling from it needs.
+
+    denoiser ``(x, t, cond) -> prediction`` (``diffusion.unet.as_denoiser``: the
+    weights are pytree leaves); parameterization, how to read the prediction;
+    conditioning, what ``cond`` is.
+    """
+
+    checkpoint: Checkpoint
+    model: nnx.Module
+    denoiser: Callable
+    parameterization: str
+    conditioning: Conditioning
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+
+def load(path_or_checkpoint, ema: bool = True) -> Loaded:
+    """Load a run folder, a checkpoint folder or an opened ``Checkpoint``: the model with its denoiser,
+    parameterization and conditioning, ready for ``diffusion.samplers``."""
+    opened = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else open_checkpoint(path_or_checkpoint)
+    model = load_model(opened, ema)
+    denoiser, parameterization = as_denoiser(model)
+    return Loaded(opened, model, denoiser, parameterization, KINDS[opened.kind].conditioning(opened.config))
+
+
+def last_to_resume(run_dir) -> Path:
+    """The last checkpoint of ``run_dir``, to resume from; a ConfigError if there is none."""
+    last = checkpoint.latest(checkpoint_dir(run_dir))
+    if last is None:
+        raise ConfigError(f"nothing to resume: {checkpoint_dir(run_dir)} holds no checkpoint")
+    return last
+
+
+def resume_config(runs_dir: str = Config.runs_dir, name: str = Config.name, **overrides) -> Config:
+    """The configuration saved in the last checkpoint of run ``<runs_dir>/<name>``, with ``overrides`` applied,
+    and ``resume=True``: what continues that run as it was started.
+
+    The run continues in the folder it is resumed from, even if it was renamed
+    or moved since.
+    """
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
+    last = last_to_resume(Path(runs_dir) / name)
+    kind, saved = read_config(last)
+    if kind != Config.kind:
+        raise ConfigError(f"{last} holds a {kind} model, not a {Config.kind}: train.py cannot resume it")
+    overrides.pop("resume", None)
+    return dataclasses.replace(saved, runs_dir=str(runs_dir), name=name, resume=True, **overrides)

@@ -1,0 +1,63 @@
+"""The run configuration: presets, validation with messages, the U-Net's own config, compatibility on resume."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from diffusion import configs
+from diffusion.errors import ConfigError
+from diffusion.unet import UNET_FIELDS, UNetConfig
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(learning_rate=-1.0), "learning_rate must be a positive number"),
+        (dict(batch_size=0), "batch_size must be a whole number >= 1"),
+        (dict(dataset="cifar-100"), "unknown dataset 'cifar-100'; choose one of"),
+        (dict(warmup_steps=20), r"warmup_steps \(20\) must be fewer than steps \(20\)"),
+        (dict(attention_resolutions=(8,)), r"levels run at \[28, 14\]"),
+        (dict(parameterization="eps", zero_terminal_snr=True), "needs parameterization v or x0"),
+        (dict(parameterization="velocity", min_snr_gamma=5.0), "set --min-snr-gamma 0"),
+        (dict(schedule="quadratic"), "unknown schedule"),
+        (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
+        (dict(label_dropout=1.5), "label_dropout"),
+        (dict(name="a/b"), "plain folder name"),
+        (dict(no_such_field=1), "unknown config field"),
+    ],
+)
+def test_bad_config_values_fail_with_a_message(change, message):
+    with pytest.raises(ConfigError, match=message):
+        configs.make_config("tiny", **change)
+
+
+def test_the_network_settings_are_one_unet_config():
+    config = configs.make_config("tiny")
+    assert [f.name for f in dataclasses.fields(UNetConfig)] == list(UNET_FIELDS)
+    assert config.unet == UNetConfig(**{name: getattr(config, name) for name in UNET_FIELDS})
+    assert config.unet.widths == [8, 16] and config.unet.resolutions == [28, 14]
+    with pytest.raises(ConfigError, match="norm_groups=3 does not divide the 8 channels"):
+        configs.make_config("tiny", norm_groups=3)  # checked by UNetConfig, reported by the run's config
+
+
+def test_whole_numbers_are_whole_numbers_everywhere():
+    assert configs.make_config("tiny", batch_size=np.int64(8)).batch_size == 8
+    for name in ("batch_size", "steps", "seed"):
+        with pytest.raises(ConfigError, match=f"{name} must be a whole number"):
+            configs.make_config("tiny", **{name: True})
+
+
+def test_the_saved_config_records_its_kind_and_round_trips():
+    config = configs.make_config("tiny", channel_mult=[1, 2])
+    saved = config.to_dict()
+    assert saved["kind"] == "denoiser" and saved["channel_mult"] == (1, 2)
+    assert configs.config_from_dict(json.loads(json.dumps(saved))) == config
+
+
+def test_resuming_needs_the_same_architecture_only():
+    saved = configs.make_config("tiny")
+    configs.check_compatible(saved, dataclasses.replace(saved, steps=40, learning_rate=1e-4, dropout=0.1), "x")
+    with pytest.raises(ConfigError, match=r"checkpoint x was trained with channels=8, but the config asks for chann"):
+        configs.check_compatible(saved, dataclasses.replace(saved, channels=16), "x")
