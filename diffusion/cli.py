@@ -114,6 +114,17 @@ def label_list(text: str) -> tuple[int | None, ...]:
     return tuple(label(part) for part in text.split(","))
 
 
+def sigma_interval(text: str) -> tuple[float, ...]:
+    """'0.3,5' -> (0.3, 5.0), noise levels sigma low and high; 'none' -> (), guidance at every step."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a guidance interval is two sigmas LOW,HIGH or none (got {text!r})") from None
+    return low, high
+
+
 def sampling_flags(description: str) -> Parser:
     """A parser with the flags that choose the model and how it samples (``sample.py`` and ``evaluate.py``).
 
@@ -129,5 +140,11 @@ def sampling_flags(description: str) -> Parser:
     flag("--steps", type=int, help="sampler steps (default: 25)")
     flag("--spacing", choices=("linspace", "leading", "trailing", "karras"), help="timesteps (default: the sampler's)")
     flag("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: 3; 1 if unconditional)")
+    flag(
+        "--guidance-interval",
+        type=sigma_interval,
+        metavar="LOW,HIGH",
+        help="guide only at noise levels sigma in [LOW, HIGH] (Kynkäänniemi et al. 2024); none: at every step",
+    )
     flag("--batch-size", type=int, help="images per compiled batch (default: 64)")
     return parser

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from diffusion import editing, files, guidance, pictures, noise, runs, samplers
 from diffusion.configs import Config
 from diffusion.errors import GenerationError, is_whole
+from diffusion.schedules import timestep_at
 from diffusion.unet import as_denoiser
 
 PNG_KEY = "diffusion-settings"  # the PNG text chunk that holds the settings as JSON
@@ -93,6 +94,7 @@ class Settings:
     seeds: tuple[int, ...]  # one noise per seed; with interpolate, the two end points
     labels: tuple[int | None, ...]  # the class of each grid column; None: the null label (no class)
     guidance: float = 1.0  # classifier-free guidance scale; 1 = none
+    guidance_interval: tuple[float, float] | None = None  # (sigma low, sigma high): guide only there; None: always
     negative_label: int | None = None  # the condition guidance pushes away from; None: the null label
     spacing: str | None = None  # the timestep spacing; None: the sampler's default
     interpolate: int = 0  # > 0: this many noises on the great circle from seeds[0] to seeds[1]
@@ -111,6 +113,17 @@ class Settings:
             value = getattr(self, name)
             _need(isinstance(value, (list, tuple)), f"{name} must be a list (got {value!r})")
             object.__setattr__(self, name, tuple(value))
+        if self.guidance_interval == ():  # what the command line's "none" gives: guidance at every step
+            object.__setattr__(self, "guidance_interval", None)
+        if self.guidance_interval is not None:
+            interval = self.guidance_interval
+            _need(
+                isinstance(interval, (list, tuple)) and len(interval) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+                and 0 <= interval[0] < interval[1],
+                f"the guidance interval is two noise levels sigma, 0 <= low < high (got {interval!r})",
+            )
+            object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
         for name in ("checkpoint", "init_image", "mask"):  # pathlib paths are welcome, but JSON holds text
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
@@ -245,6 +258,10 @@ def check_settings(settings: Settings, config: Config) -> None:
         settings.negative_label is None or settings.guidance != 1.0,
         "a negative label acts through guidance: give a guidance scale other than 1",
     )
+    _need(
+        settings.guidance_interval is None or settings.guidance != 1.0,
+        "a guidance interval says where guidance acts: give a guidance scale other than 1, or no interval",
+    )
 
 
 def _model_settings(settings: Settings, config: Config) -> dict:
@@ -317,8 +334,17 @@ class Generation(NamedTuple):
     x0s: np.ndarray | None = None
 
 
-def guided_denoiser(model, settings: Settings):
-    """The model as the samplers' denoiser, with classifier-free guidance (Ho & Salimans 2021) if asked for.
+def guidance_times(interval: tuple[float, float], config: Config) -> tuple[float, float]:
+    """A guidance interval of noise levels sigma in the model's own time: the fractional timesteps of those
+    sigmas on the schedule, or for a flow model t = sigma / (1 + sigma) (where x_t / (1 - t) = x_0 + sigma eps)."""
+    if config.parameterization == "velocity":
+        return tuple(sigma / (1.0 + sigma) for sigma in interval)
+    return tuple(float(timestep_at(config.noise_schedule, max(sigma, 1e-12))) for sigma in interval)
+
+
+def guided_denoiser(model, settings: Settings, config: Config):
+    """The model as the samplers' denoiser, with classifier-free guidance (Ho & Salimans 2021) if asked for,
+    in the sigma interval of ``settings`` (Kynkäänniemi et al. 2024) if there is one.
 
     The model goes in as a pytree (``as_denoiser``), and the negative label as an
     array, so both are arguments of the compiled sampler, not constants.
@@ -327,7 +353,10 @@ def guided_denoiser(model, settings: Settings):
     if settings.guidance == 1.0:
         return denoiser
     negative = model.num_classes if settings.negative_label is None else settings.negative_label
-    return guidance.classifier_free_guidance(denoiser, settings.guidance, jnp.asarray(negative, jnp.int32))
+    interval = None if settings.guidance_interval is None else guidance_times(settings.guidance_interval, config)
+    return guidance.classifier_free_guidance(
+        denoiser, settings.guidance, jnp.asarray(negative, jnp.int32), interval=interval
+    )
 
 
 def _sample_batch(settings, config, denoiser, x_T, cond, key, x_known, mask):
@@ -375,7 +404,7 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
         _check_unchanged("mask", settings.mask, settings.mask_sha256, files.sha256_of(settings.mask))
     model = runs.load_model(checkpoint)
 
-    denoiser = guided_denoiser(model, settings)
+    denoiser = guided_denoiser(model, settings, config)
     noise_index, label_index, ncols = arrangement(settings)
     labels = tuple(settings.labels[i] for i in label_index)
     x_T = initial_noise(settings, (size, size, channels))[noise_index]

@@ -75,21 +75,42 @@ def vp_grid(schedule: Schedule, steps: int, spacing: str = "leading", offset: in
     return VPGrid(t.astype(np.float64), np.append(schedule.alpha_bar[t], 1.0))
 
 
-def sigma_grid(schedule: Schedule, steps: int, spacing: str = "linspace", offset: int = 0) -> SigmaGrid:
+# Where sigma-space samplers start by default: EDM's sigma_max (Karras et al. 2022, Sec. 5 and Table 1).
+SIGMA_MAX = 80.0
+
+
+def sigma_grid(
+    schedule: Schedule, steps: int, spacing: str = "linspace", offset: int = 0, sigma_max: float | None = SIGMA_MAX
+) -> SigmaGrid:
     """Sigmas for a sigma-space sampler, then a final 0 (k-diffusion's ``get_sigmas``).
 
-    ``linspace`` takes sigma at N fractional timesteps evenly spaced from T - 1
-    down to 0 (not rounded); ``leading`` / ``trailing`` take the integer
-    timesteps of those spacings; ``karras`` is Karras et al. 2022, eq. 5 between
-    the schedule's smallest and largest sigma. Sigma is interpolated in log
-    space (``sigma_at``), so a zero-terminal-SNR schedule ends at a large but
-    finite sigma.
+    ``linspace`` takes sigma at N fractional timesteps evenly spaced from the
+    top timestep down to 0 (not rounded); ``leading`` / ``trailing`` take the
+    integer timesteps of those spacings; ``karras`` is Karras et al. 2022,
+    eq. 5 between the schedule's smallest sigma and the top one. Sigma is
+    interpolated in log space (``sigma_at``), so a zero-terminal-SNR schedule
+    ends at a large but finite sigma.
+
+    The top is the timestep of ``sigma_max`` (or T - 1 if the schedule stops
+    below it). The cosine schedule reaches sigma ~ 4096 at T - 1, where the
+    image is 1/4096 of x_t: starting there makes the first step of a few-step
+    grid a leap of three orders of magnitude, which Heun's averaged slope and
+    Karras's rho = 7 ramp (which then spends most steps up there) handle badly,
+    while starting from sigma 80 loses nothing (x_0 is 1/80 of the noise).
+    ``sigma_max=None`` starts at T - 1 whatever its sigma, as diffusers' and
+    k-diffusion's discrete schedules do; ``leading`` and ``trailing`` always
+    use the schedule's own integer timesteps.
     """
     T = schedule.num_timesteps
+    top = T - 1.0
+    if sigma_max is not None:
+        if not sigma_max > 0:
+            raise InputError(f"sigma_max must be > 0 (got {sigma_max}); None starts at the schedule's largest sigma")
+        top = min(top, float(timestep_at(schedule, sigma_max)))
     if spacing == "karras":
-        sigmas = karras_sigmas(steps, float(sigma_at(schedule, 0.0)), float(sigma_at(schedule, T - 1.0)))
+        sigmas = karras_sigmas(steps, float(sigma_at(schedule, 0.0)), float(sigma_at(schedule, top)))
     else:
-        t = np.linspace(T - 1, 0, steps) if spacing == "linspace" else timesteps(schedule, steps, spacing, offset)
+        t = np.linspace(top, 0, steps) if spacing == "linspace" else timesteps(schedule, steps, spacing, offset)
         sigmas = np.append(np.asarray(sigma_at(schedule, t), np.float64), 0.0)
     return SigmaGrid(np.asarray(timestep_at(schedule, sigmas[:-1]), np.float64), sigmas)
 
@@ -496,10 +517,15 @@ def make_plan(
     spacing: str | None = None,
     offset: int = 0,
     shift: float | None = None,
+    sigma_max: float | None = SIGMA_MAX,
     clip_x0: bool = False,
     **options,
 ) -> Plan:
-    """Check every setting on the host and lay out the grid; raises InputError saying what to change."""
+    """Check every setting on the host and lay out the grid; raises InputError saying what to change.
+
+    ``sigma_max`` is where the sigma-space samplers start (``sigma_grid``;
+    None: at the schedule's largest sigma); the other families ignore it.
+    """
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     spec = SAMPLERS[sampler]
@@ -525,8 +551,10 @@ def make_plan(
             raise InputError(f"{sampler} takes spacing {', '.join(allowed)} (got {spacing!r})")
         if offset and spacing != "leading":
             raise InputError("offset applies only to 'leading' spacing")
-        make = vp_grid if spec.family == "vp" else sigma_grid
-        grid = make(schedule, steps, spacing, offset)
+        if spec.family == "vp":
+            grid = vp_grid(schedule, steps, spacing, offset)
+        else:
+            grid = sigma_grid(schedule, steps, spacing, offset, sigma_max)
         _check_terminal_snr(sampler, grid, parameterization)
     return Plan(spec, grid, parameterization, schedule, tuple(sorted(options.items())), bool(clip_x0))
 
@@ -768,7 +796,8 @@ def sample(
     variable: sigma-space samplers start at x_T sqrt(1 + sigma_max^2)); key:
     needed by stochastic samplers, step i uses ``fold_in(key, i)``; cond: one
     condition per example, passed to the denoiser. spacing (default: the
-    sampler's), offset (``leading`` only), shift (flows), clip_x0 (clip x0_hat to
+    sampler's), offset (``leading`` only), shift (flows), ``sigma_max`` (where
+    sigma-space samplers start, ``sigma_grid``), clip_x0 (clip x0_hat to
     [-1, 1], off by default) and the sampler's options (``eta`` for ddim and
     euler_a, ``churn`` for euler and heun, ``variance`` for ddpm) shape the run;
     python_loop runs the same step in a Python loop, for debugging.

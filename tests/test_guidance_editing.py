@@ -42,6 +42,21 @@ def test_guidance_is_the_affine_combination_in_one_batched_call():
         np.testing.assert_allclose(jax.jit(classifier_free_guidance(EPS, scale, NULL))(x, t, cond), expected, atol=1e-6)
 
 
+def test_guidance_in_an_interval_is_the_conditional_prediction_outside_it():
+    """Kynkäänniemi et al. 2024: the guided combination inside [low, high], the conditional model elsewhere."""
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    t = jnp.array([100.0, 300.0, 500.0, 700.0])
+    cond = jnp.array([0, 1, 0, 1])
+    eps = jax.jit(EPS)
+    conditional, unconditional = eps(x, t, cond), eps(x, t, jnp.full((4,), NULL))
+    guided = jax.jit(classifier_free_guidance(EPS, 3.0, NULL, interval=(300.0, 500.0)))(x, t, cond)
+    inside = np.array([False, True, True, False])
+    np.testing.assert_allclose(guided[inside], (unconditional + 3.0 * (conditional - unconditional))[inside], atol=1e-5)
+    np.testing.assert_allclose(guided[~inside], conditional[~inside], atol=1e-6)
+    with pytest.raises(ValueError, match=r"two times \(low, high\) with low <= high"):
+        classifier_free_guidance(EPS, 3.0, NULL, interval=(500.0, 300.0))
+
+
 def test_guidance_rescale_matches_the_conditional_standard_deviation():
     conditional = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
     guided = 5.0 * conditional + 1.0

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from diffusion import checkpoint, configs, data, evaluation, generate, pictures, noise, runs, training
+from diffusion.schedules import timestep_at
 from diffusion.unet import as_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def sample_into(out, run_dir, *argv):
     return stdout
 
 
-GRID_ARGS = ("--seed", "3-4", "--label", "1,2", "--trajectory")
+GRID_ARGS = ("--seed", "3-4", "--label", "1,2", "--guidance-interval", "0.2,4", "--trajectory")
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,7 @@ def test_grid_carries_its_settings(grid, run_dir):
         seeds=(3, 4),
         labels=(1, 2),
         guidance=3.0,
+        guidance_interval=(0.2, 4.0),
         trajectory=True,
         batch_size=BATCH,
         checkpoint_sha256=hashlib.sha256((last / "state.npz").read_bytes()).hexdigest(),
@@ -179,13 +181,22 @@ def test_guidance_pushes_away_from_the_null_label_or_the_negative_label(run_dir)
     model = runs.load_model(opened)
     denoiser, _ = as_denoiser(model)
     x, t, cond = noise.seed_noise([0, 1], (28, 28, 1)), jnp.full((2,), 500.0), jnp.array([3, 4])
-    settings = generate.default_settings(opened)  # guidance 3
+    settings = dataclasses.replace(generate.default_settings(opened), guidance=3.0, guidance_interval=None)
     for negative_label, negative in [(None, 10), (7, 7)]:  # 10: the tiny model's null label
-        guided = generate.guided_denoiser(model, dataclasses.replace(settings, negative_label=negative_label))
+        guided = generate.guided_denoiser(
+            model, dataclasses.replace(settings, negative_label=negative_label), opened.config
+        )
         away = denoiser(x, t, jnp.full((2,), negative))
         np.testing.assert_allclose(guided(x, t, cond), away + 3.0 * (denoiser(x, t, cond) - away), atol=1e-5)
-    plain = generate.guided_denoiser(model, dataclasses.replace(settings, guidance=1.0))
+    plain = generate.guided_denoiser(model, dataclasses.replace(settings, guidance=1.0), opened.config)
     np.testing.assert_array_equal(plain(x, t, cond), denoiser(x, t, cond))
+    # In a sigma interval: guided where the noise level is inside it, the conditional model elsewhere.
+    schedule = opened.config.noise_schedule
+    inside = generate.guided_denoiser(model, dataclasses.replace(settings, guidance_interval=(0.5, 2.0)), opened.config)
+    for sigma, scale in [(1.0, 3.0), (10.0, 1.0), (0.1, 1.0)]:
+        t = jnp.full((2,), timestep_at(schedule, sigma))
+        away = denoiser(x, t, jnp.full((2,), 10))
+        np.testing.assert_allclose(inside(x, t, cond), away + scale * (denoiser(x, t, cond) - away), atol=1e-5)
 
 
 def test_img2img_at_strength_zero_returns_the_input(run_dir, inputs, tmp_path):
@@ -216,6 +227,9 @@ BAD_INPUT = {
     "label": (["--label", "3,10"], r"label 10 is outside the classes .* \(0 to 9\)"),
     "negative label": (["--negative-label", "12"], "label 12 is outside the classes"),
     "negative count": (["--n", "-3"], r"--n must be a whole number >= 1 \(got -3\)"),
+    "guidance interval": (["--guidance-interval", "5,1"], r"two noise levels sigma, 0 <= low < high"),
+    "guidance interval text": (["--guidance-interval", "low"], "a guidance interval is two sigmas LOW,HIGH or none"),
+    "interval without guidance": (["--guidance", "1", "--guidance-interval", "0.3,5"], "give a guidance scale other"),
     "negative seed": (["--seed", "-1"], "argument --seed: seeds are whole numbers >= 0"),
     "unknown sampler": (["--sampler", "ddim2"], "argument --sampler: invalid choice: 'ddim2'"),
     "flow sampler": (

@@ -15,7 +15,7 @@ import scipy.integrate
 
 from diffusion import forward, metrics, mixture, samplers
 from diffusion.samplers import make_plan, sample
-from diffusion.schedules import Schedule
+from diffusion.schedules import Schedule, timestep_at
 
 SCHEDULE = Schedule("linear", 1000)
 RING = mixture.ring_mixture()
@@ -35,11 +35,11 @@ def _run(name, x_T, steps, denoiser=None, **kw):
 
 ORDER_STEPS = (128, 256, 512)
 ORDERS = {  # sampler, extra settings, expected order
-    "euler": ({}, 1),
+    "euler": ({"sigma_max": None}, 1),  # sigma-space samplers from the reference's start, the schedule's T - 1
     "ddim": ({"spacing": "linspace"}, 1),
-    "heun": ({}, 2),
-    "dpmpp_2m": ({}, 2),
-    "dpmpp_2m_karras": ({}, 2),
+    "heun": ({"sigma_max": None}, 2),
+    "dpmpp_2m": ({"sigma_max": None}, 2),
+    "dpmpp_2m_karras": ({"sigma_max": None}, 2),
     "flow_euler": ({}, 1),
     "flow_heun": ({}, 2),
 }
@@ -176,10 +176,20 @@ def test_grids_and_nfe_follow_the_common_implementations():
     assert ddim.grid.alpha_bar[-1] == 1.0  # "set alpha to one"
     np.testing.assert_array_equal(plan("ddim", offset=1).grid.timesteps, np.arange(901, 0, -100))
     np.testing.assert_array_equal(plan("ddim", spacing="trailing").grid.timesteps, np.arange(999, 0, -100))
-    euler = plan("euler")  # k-diffusion: sigma at linspace(T - 1, 0, N) (fractional), then 0
+    euler = plan("euler", sigma_max=None)  # k-diffusion: sigma at linspace(T - 1, 0, N) (fractional), then 0
     np.testing.assert_allclose(euler.grid.timesteps, np.linspace(999, 0, 10), atol=1e-3)
     np.testing.assert_allclose(euler.grid.sigmas[[0, -2]], SCHEDULE.sigmas[[-1, 0]], rtol=1e-6)
     assert euler.grid.sigmas[-1] == 0
+    # By default sigma-space grids start at EDM's sigma_max = 80 (this linear schedule ends at 157).
+    assert SCHEDULE.sigmas[-1] > 150
+    top = float(timestep_at(SCHEDULE, 80.0))
+    np.testing.assert_allclose(plan("euler").grid.timesteps, np.linspace(top, 0, 10), atol=1e-3)
+    np.testing.assert_allclose(plan("euler").grid.sigmas[0], 80.0, rtol=1e-4)
+    np.testing.assert_allclose(plan("dpmpp_2m_karras").grid.sigmas[0], 80.0, rtol=1e-4)
+    np.testing.assert_array_equal(plan("euler", spacing="trailing").grid.sigmas, plan("euler", spacing="trailing",
+                                  sigma_max=None).grid.sigmas)  # integer spacings keep the schedule's timesteps
+    with pytest.raises(ValueError, match="sigma_max must be > 0"):
+        plan("heun", sigma_max=0.0)
     karras = plan("dpmpp_2m_karras").grid.sigmas
     rho = 7.0
     ramp = (karras[:-1] ** (1 / rho) - karras[0] ** (1 / rho)) / (karras[-2] ** (1 / rho) - karras[0] ** (1 / rho))
@@ -330,11 +340,33 @@ def test_steps_may_be_a_numpy_integer():
     np.testing.assert_array_equal(plan.grid.alpha_bar, make_plan("ddim", steps=10, **settings).grid.alpha_bar)
 
 
+def test_few_step_sigma_samplers_need_a_moderate_first_sigma_on_the_cosine_schedule(report):
+    """The cosine schedule ends at sigma ~ 4096: Heun and the Karras grid fail at 10 steps from there, not from 80."""
+    schedule = Schedule("cosine")
+    exact = mixture.exact_denoiser(RING, schedule, "v")
+    x_T = jax.random.normal(jax.random.key(2), (2000, 2))
+    truth, _ = mixture.sample(RING, jax.random.key(3), 2000)
+    distance = {}
+    for name, steps in [("heun", 10), ("dpmpp_2m_karras", 10), ("dpmpp_2m", 10)]:
+        for sigma_max in (samplers.SIGMA_MAX, None):
+            x = sample(exact, x_T, sampler=name, schedule=schedule, steps=steps, parameterization="v", sigma_max=sigma_max)
+            distance[name, sigma_max] = metrics.sliced_wasserstein(x.x, truth)
+    names = ("heun", "dpmpp_2m_karras", "dpmpp_2m")
+    report("sliced W1 at 10 steps, cosine schedule: from sigma 80 / from sigma 4096",
+           ", ".join(f"{n} {distance[n, samplers.SIGMA_MAX]:.3f} / {distance[n, None]:.3f}" for n in names))
+    assert all(distance[name, samplers.SIGMA_MAX] < 2 * SW_TOLERANCE for name in names), distance  # 10 steps: near
+    assert distance["heun", None] > 10 * distance["heun", samplers.SIGMA_MAX]  # from 4096: lost
+    assert distance["dpmpp_2m_karras", None] > 1.5 * distance["dpmpp_2m_karras", samplers.SIGMA_MAX]
+
+
 def test_euler_ancestral_stays_finite_when_the_first_sigma_is_huge():
     # Cosine schedule, 3 steps: sigma falls from 4096 to 1.01, so sigma_up equals sigma_next and
     # sigma_next^2 - sigma_up^2 must not round to a small negative under the square root.
     schedule = Schedule("cosine")
     exact = mixture.exact_denoiser(RING, schedule, "v")
     x = jax.random.normal(jax.random.key(0), (64, 2))
-    result = samplers.sample(exact, x, sampler="euler_a", schedule=schedule, steps=3, parameterization="v", key=jax.random.key(1))
+    result = samplers.sample(
+        exact, x, sampler="euler_a", schedule=schedule, steps=3, parameterization="v", key=jax.random.key(1),
+        sigma_max=None,
+    )
     assert np.all(np.isfinite(np.asarray(result.x)))
