@@ -14,7 +14,8 @@ classifier FID beside the real-vs-real floor at the same n.
 Prints the curve as a table; with ``--out PREFIX`` also writes PREFIX.md (the
 table, the machine and the command) and PREFIX.png (accuracy and FID against
 minutes). ``--set`` changes training fields for recipe experiments, e.g.
-``--set learning_rate=3e-3 --set batch_size=64`` (any field but the booleans).
+``--set learning_rate=3e-3 --set batch_size=64`` (any field but the booleans),
+and ``--baseline steps=1600`` trains a second recipe first for comparison.
 """
 
 import argparse
@@ -39,17 +40,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from diffusion import checkpoint, cli, configs, evaluation, generate, runs, training  # noqa: E402
 
 
-def make_run_config(args, runs_dir: str) -> configs.Config:
-    """The preset with the --set overrides read as train.py reads its flags, in a scratch folder,
-    keeping every --every-th checkpoint."""
-    flags = ["--preset", args.preset]
-    for item in args.set:
-        name, _, value = item.partition("=")
-        flags += [f"--{name.replace('_', '-')}", value]
+def make_run_config(preset: str, overrides: list[str], name: str, every: int, runs_dir: str) -> configs.Config:
+    """The preset with FIELD=VALUE overrides read as train.py reads its flags, in a scratch folder,
+    keeping every ``every``-th checkpoint."""
+    flags = ["--preset", preset]
+    for item in overrides:
+        field, _, value = item.partition("=")
+        flags += [f"--{field.replace('_', '-')}", value]
     config = cli.config_from_flags(flags)  # a wrong field or value: a UsageError or ConfigError saying which
-    return dataclasses.replace(
-        config, name="time_to_quality", runs_dir=runs_dir, checkpoint_every=args.every, keep_checkpoints=10_000
-    )
+    return dataclasses.replace(config, name=name, runs_dir=runs_dir, checkpoint_every=every, keep_checkpoints=10_000)
 
 
 def train_timed(config: configs.Config) -> dict[int, float]:
@@ -65,20 +64,48 @@ def judge(path: Path, n: int, settings: dict) -> dict:
     return evaluation.evaluate(evaluation.digit_settings(opened, n, **settings), "test", opened)
 
 
-def plot(rows: list[dict], title: str, png: Path) -> None:
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
-    ax_acc, ax_fid = fig.subplots(1, 2)
-    minutes = [r["minutes"] for r in rows]
-    ax_acc.plot(minutes, [100 * r["accuracy"] for r in rows], "o-")
-    ax_acc.axhline(95, color="gray", ls="--", lw=1, label="95 % goal")
+def plot(curves: dict[str, list[dict]], title: str, png: Path) -> None:
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    ax_acc, ax_fid, ax_rec = fig.subplots(1, 3)
+    for label, rows in curves.items():
+        minutes = [r["minutes"] for r in rows]
+        ax_acc.plot(minutes, [100 * r["accuracy"] for r in rows], "o-", label=label)
+        ax_fid.plot(minutes, [r["fid"] for r in rows], "o-", label=label)
+        ax_rec.plot(minutes, [r["recall"] for r in rows], "o-", label=label)
+    rows = next(iter(curves.values()))
+    ax_acc.axhline(97, color="gray", ls="--", lw=1, label="97 % goal")
     ax_acc.set(xlabel="training time (minutes)", ylabel="classifier accuracy (%)", title="Conditional accuracy")
-    ax_acc.legend()
-    ax_fid.plot(minutes, [r["fid"] for r in rows], "o-", label="generated")
-    ax_fid.plot(minutes, [r["floor"] for r in rows], color="gray", ls="--", lw=1, label="real-vs-real floor")
+    ax_fid.plot([r["minutes"] for r in rows], [r["floor"] for r in rows], color="gray", ls="--", lw=1,
+                label="real-vs-real floor")
     ax_fid.set(xlabel="training time (minutes)", ylabel="classifier FID", title="Classifier FID", yscale="log")
-    ax_fid.legend()
+    ax_rec.axhline(rows[0]["floor_recall"], color="gray", ls="--", lw=1, label="real digits")
+    ax_rec.set(xlabel="training time (minutes)", ylabel="recall", title="Recall (diversity)", ylim=(0, 1))
+    for ax in (ax_acc, ax_fid, ax_rec):
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.savefig(png, dpi=110)
+
+
+def curve(preset: str, overrides: list[str], name: str, args, settings: dict, runs_dir: str):
+    """Train one recipe, then judge each of its checkpoints: (config, rows, the settings used)."""
+    config = make_run_config(preset, overrides, name, args.every, runs_dir)
+    seconds = train_timed(config)
+    rows = []
+    for path in checkpoint.checkpoints(runs.checkpoint_dir(config.run_dir)):
+        step = checkpoint.step_of(path)
+        result = judge(path, args.n, settings)
+        rows.append({"recipe": name, "step": step, "minutes": seconds[step] / 60, **result})
+        print(f"{name}: step {step:5d}  {rows[-1]['minutes']:5.1f} min  accuracy {result['accuracy']:.3f}  "
+              f"FID {result['fid']:6.2f} (floor {result['floor']:.2f})  recall {result['recall']:.2f}", flush=True)
+    used = generate.default_settings(runs.open_checkpoint(path), **settings)
+    return config, rows, used
+
+
+def describe(config: configs.Config, preset: str) -> str:
+    scratch = ("kind", "name", "runs_dir", "checkpoint_every", "keep_checkpoints")
+    preset_values = configs.make_config(preset).to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if k not in scratch and v != preset_values[k]}
+    return f"preset {preset}{' with ' + json.dumps(changed) if changed else ''}"
 
 
 def main(argv=None) -> int:
@@ -87,48 +114,45 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=200, help="evaluate a checkpoint every this many steps")
     parser.add_argument("--n", type=int, default=500, help="digits per evaluation (a multiple of 10)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a training field")
+    parser.add_argument("--baseline", action="append", metavar="FIELD=VALUE",
+                        help="also train the preset with these overrides first, for a second curve beside it")
     parser.add_argument("--sampler", help="sampler for the evaluations (default: sample.py's)")
     parser.add_argument("--steps", type=int, help="sampling steps for the evaluations (default: sample.py's)")
     parser.add_argument("--guidance", type=float, help="guidance scale for the evaluations (default: sample.py's)")
+    parser.add_argument("--guidance-interval", type=cli.sigma_interval, help="LOW,HIGH or none (default: sample.py's)")
     parser.add_argument("--out", help="write OUT.md and OUT.png (e.g. docs/time_to_quality)")
     args = parser.parse_args(argv)
-    settings = {k: getattr(args, k) for k in ("sampler", "steps", "guidance") if getattr(args, k) is not None}
+    chosen = ("sampler", "steps", "guidance", "guidance_interval")
+    settings = {k: getattr(args, k) for k in chosen if getattr(args, k) is not None}
 
+    recipes = {"baseline": args.baseline, "recipe": args.set} if args.baseline else {"recipe": args.set}
+    curves, described = {}, []
     with tempfile.TemporaryDirectory() as runs_dir:
-        config = make_run_config(args, runs_dir)
-        seconds = train_timed(config)
-        rows = []
-        for path in checkpoint.checkpoints(runs.checkpoint_dir(config.run_dir)):
-            step = checkpoint.step_of(path)
-            result = judge(path, args.n, settings)
-            rows.append({"step": step, "minutes": seconds[step] / 60, **result})
-            print(f"step {step:5d}  {rows[-1]['minutes']:5.1f} min  accuracy {result['accuracy']:.3f}  "
-                  f"FID {result['fid']:6.2f} (floor {result['floor']:.2f})", flush=True)
-        used = generate.default_settings(runs.open_checkpoint(path), **settings)
-
-    changed = {k: v for k, v in config.to_dict().items() if v != getattr(configs.make_config(args.preset), k)}
-    changed = {k: v for k, v in changed.items() if k not in ("name", "runs_dir", "checkpoint_every", "keep_checkpoints")}
-    described = (
-        f"preset {args.preset}{' with ' + json.dumps(changed) if changed else ''}; "
-        f"{used.sampler} {used.steps} steps, guidance {used.guidance:g}, n = {args.n}"
-    )
+        for name, overrides in recipes.items():
+            config, rows, used = curve(args.preset, overrides, name, args, settings, runs_dir)
+            label = describe(config, args.preset)
+            curves[label] = rows
+            described.append(f"{name}: {label}")
+    interval = "every step" if used.guidance_interval is None else "sigma {:g}–{:g}".format(*used.guidance_interval)
+    sampling = f"{used.sampler} {used.steps} steps, guidance {used.guidance:g} ({interval}), n = {args.n}"
     lines = [
-        "| step | minutes | accuracy | classifier FID | real floor |",
-        "|---:|---:|---:|---:|---:|",
-        *(f"| {r['step']} | {r['minutes']:.1f} | {100 * r['accuracy']:.1f} % | {r['fid']:.1f} | {r['floor']:.1f} |"
-          for r in rows),
+        "| recipe | step | minutes | accuracy | classifier FID | real floor | recall |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['recipe']} | {r['step']} | {r['minutes']:.1f} | {100 * r['accuracy']:.1f} % | {r['fid']:.1f} "
+          f"| {r['floor']:.1f} | {r['recall']:.2f} |" for rows in curves.values() for r in rows),
     ]
-    print("\n" + described + "\n" + "\n".join(lines))
+    print("\n" + "\n".join(described) + "\n" + sampling + "\n" + "\n".join(lines))
     if args.out:
         out = Path(args.out)
         machine = f"{platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
         command = "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        out.with_suffix(".md").write_text(
-            "\n".join(["# Time to quality\n", f"{described}.\n", f"Machine: {machine}. Command: `{command}`\n", *lines])
-            + "\n"
-        )
-        plot(rows, f"Time to quality: {described}", out.with_suffix(".png"))
-        (out.with_suffix(".jsonl")).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out.with_suffix(".md").write_text("\n".join([
+            "# Time to quality\n", *(f"- {d}" for d in described), "", f"Sampling: {sampling}.\n",
+            f"Machine: {machine}. Command: `{command}`\n", *lines,
+        ]) + "\n")
+        plot(curves, f"Time to quality: {sampling}", out.with_suffix(".png"))
+        rows = [r for rows in curves.values() for r in rows]
+        out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 0
 
 

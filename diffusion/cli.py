@@ -139,12 +139,13 @@ def sampling_flags(description: str) -> Parser:
     flag("--sampler", choices=samplers.SAMPLERS, help="default: ddim, or flow_euler for a flow-matching model")
     flag("--steps", type=int, help="sampler steps (default: 25)")
     flag("--spacing", choices=("linspace", "leading", "trailing", "karras"), help="timesteps (default: the sampler's)")
-    flag("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: 3; 1 if unconditional)")
+    flag("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: 1.5; 1 if unconditional)")
     flag(
         "--guidance-interval",
         type=sigma_interval,
         metavar="LOW,HIGH",
-        help="guide only at noise levels sigma in [LOW, HIGH] (Kynkäänniemi et al. 2024); none: at every step",
+        help="guide only at noise levels sigma in [LOW, HIGH] (Kynkäänniemi et al. 2024; default: 0.28,5.42); "
+        "none: at every step",
     )
     flag("--batch-size", type=int, help="images per compiled batch (default: 64)")
     return parser

@@ -67,8 +67,8 @@ class Config:
     label_dropout: float = 0.1
     # Optimisation
     batch_size: int = 64
-    steps: int = 1600
-    learning_rate: float = 2e-3
+    steps: int = 2200
+    learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # maximum global gradient norm

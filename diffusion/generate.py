@@ -54,6 +54,10 @@ from diffusion.unet import as_denoiser
 
 PNG_KEY = "diffusion-settings"  # the PNG text chunk that holds the settings as JSON
 MAX_SEED = 2**32 - 1  # jax.random.key wraps larger seeds around: 2**32 would repeat seed 0
+# The default guidance of a class-conditional model: scale 1.5 in the sigma interval (0.28, 5.42] of Kynkäänniemi
+# et al. 2024 (their EDM2 setting), chosen by classifier FID, recall and accuracy (docs/quality.md).
+DEFAULT_GUIDANCE = 1.5
+DEFAULT_GUIDANCE_INTERVAL = (0.28, 5.42)
 
 
 def _need(ok, message):
@@ -203,7 +207,8 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
 
     Defaults: DDIM (flow Euler for a flow-matching model), 25 steps, seed 0,
     every class of a class-conditional model (the null label otherwise), and
-    guidance scale 3 for a class-conditional model; the sha256 of the
+    for a class-conditional model guidance ``DEFAULT_GUIDANCE`` in
+    ``DEFAULT_GUIDANCE_INTERVAL``; the sha256 of the
     checkpoint's weights and of the input images.
     """
     config = checkpoint.config
@@ -217,7 +222,8 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
         steps=25,
         seeds=(0,),
         labels=tuple(range(config.num_classes)) or (None,),
-        guidance=3.0 if config.num_classes else 1.0,
+        guidance=DEFAULT_GUIDANCE if config.num_classes else 1.0,
+        guidance_interval=DEFAULT_GUIDANCE_INTERVAL if config.num_classes else None,
     )
     return Settings(**{**defaults, **choices})
 
