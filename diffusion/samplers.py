@@ -7,12 +7,13 @@ function -- read it beside the paper it names -- and they all share one driver,
 compiled XLA program (``lax.scan``), or, for debugging, the same step function
 in a Python loop.
 
-The ten samplers of the registry ``SAMPLERS`` fall into three families, by the
+The twelve samplers of the registry ``SAMPLERS`` fall into three families, by the
 variable they step in:
 
 - ``vp`` (``ddpm``, ``ddim``, ``plms``): the DDPM sample x_t = sqrt(alpha_bar) x_0
   + sqrt(1 - alpha_bar) eps itself, on the integer training timesteps.
-- ``sigma`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2m_karras``):
+- ``sigma`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2m_karras``,
+  ``dpmpp_2m_sde``, ``dpmpp_2m_sde_karras``):
   Karras et al.'s x = x_t / sqrt(alpha_bar) = x_0 + sigma eps, where the
   probability-flow ODE is simply dx/dsigma = (x - x0_hat) / sigma; the network
   is called at the fractional timestep of each sigma.
@@ -389,24 +390,53 @@ def heun_step(slope, grid, state, i, key, *, churn=0.0):
     return (lax.cond(sigma_next > 0, trapezoid, lambda: x_euler), None), x0
 
 
+def _dpmpp_2m_data(grid, i, x0, history):
+    """h = lambda_next - lambda and D, x0_hat extrapolated linearly in lambda from the previous step (DPM-Solver++(2M)).
+
+    D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev with r = h_prev / h; the first
+    step, and the last (to sigma = 0), use D = x0_hat (first order, as the widely
+    used implementations do).
+    """
+    # At i = 0, sigmas[i - 1] wraps round to the final 0: log(sigma_prev / sigma) is -inf there, discarded by where.
+    sigma_prev, sigma, sigma_next = grid.sigmas[i - 1], grid.sigmas[i], grid.sigmas[i + 1]
+    h = jnp.log(sigma / sigma_next)
+    second_order = (i > 0) & (sigma_next > 0)
+    r = jnp.where(second_order, jnp.log(sigma_prev / sigma) / h, 1.0)
+    return h, jnp.where(second_order, x0 + (x0 - history[0]) / (2 * r), x0)
+
+
 def dpmpp_2m_step(slope, grid, state, i, key):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), in sigma space as k-diffusion's ``sample_dpmpp_2m``.
 
     In lambda = -log sigma the update is exact for a constant x0_hat:
-    x_next = (sigma_next / sigma) x - expm1(-h) D, h = lambda_next - lambda. D is
-    x0_hat extrapolated linearly from the previous step, D = (1 + 1/(2r)) x0_hat
-    - 1/(2r) x0_hat_prev with r = h_prev / h; the first step, and the last (to
-    sigma = 0), use D = x0_hat (first order, as the widely used implementations do).
+    x_next = (sigma_next / sigma) x - expm1(-h) D, with h and D of ``_dpmpp_2m_data``.
     """
     x, history = state
-    # At i = 0, sigmas[i - 1] wraps round to the final 0: log(sigma_prev / sigma) is -inf there, discarded by where.
-    sigma_prev, sigma, sigma_next = grid.sigmas[i - 1], grid.sigmas[i], grid.sigmas[i + 1]
+    sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
     _, x0 = slope(x, sigma)
-    h = jnp.log(sigma / sigma_next)
-    second_order = (i > 0) & (sigma_next > 0)
-    r = jnp.where(second_order, jnp.log(sigma_prev / sigma) / h, 1.0)
-    d = jnp.where(second_order, (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * history[0], x0)
+    h, d = _dpmpp_2m_data(grid, i, x0, history)
     return ((sigma_next / sigma) * x - jnp.expm1(-h) * d, x0[None]), x0
+
+
+def dpmpp_2m_sde_step(slope, grid, state, i, key, *, eta=1.0):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", its SDE solver), the "DPM++ 2M SDE" of image tools.
+
+    The multistep of ``dpmpp_2m_step`` for the reverse SDE instead of the ODE:
+    over a step of h in lambda = -log sigma, x is shrunk by (sigma_next / sigma)
+    e^{-eta h}, moves by 1 - e^{-(1 + eta) h} of the way to D, and gets fresh noise
+    of standard deviation sigma_next sqrt(1 - e^{-2 eta h}). eta = 1 is the SDE
+    (k-diffusion's ``sample_dpmpp_2m_sde`` with its midpoint correction, per-step
+    Gaussian noise in place of its Brownian tree); eta = 0 is ``dpmpp_2m_step``.
+    """
+    if eta == 0:  # the ODE (and e^{-eta h} would be e^{-0 * inf} = nan on the last step)
+        return dpmpp_2m_step(slope, grid, state, i, key)
+    x, history = state
+    sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
+    _, x0 = slope(x, sigma)
+    h, d = _dpmpp_2m_data(grid, i, x0, history)
+    x_next = (sigma_next / sigma) * jnp.exp(-eta * h) * x - jnp.expm1(-(1.0 + eta) * h) * d
+    noise = sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * eta * h)) * _normal(key, x)
+    return (x_next + noise, x0[None]), x0
 
 
 # --- The registry ----------------------------------------------------------------------
@@ -469,6 +499,14 @@ SAMPLERS = {
     ),
     "dpmpp_2m": Sampler(dpmpp_2m_step, family="sigma", spacing="linspace", history=1),
     "dpmpp_2m_karras": Sampler(dpmpp_2m_step, family="sigma", spacing="karras", history=1),
+    "dpmpp_2m_sde": Sampler(
+        dpmpp_2m_sde_step, family="sigma", spacing="linspace", options=(("eta", 1.0),), history=1,
+        stochastic=_positive("eta"),
+    ),
+    "dpmpp_2m_sde_karras": Sampler(
+        dpmpp_2m_sde_step, family="sigma", spacing="karras", options=(("eta", 1.0),), history=1,
+        stochastic=_positive("eta"),
+    ),
     "flow_euler": Sampler(euler_step, family="flow", spacing=None),
     "flow_heun": Sampler(heun_step, family="flow", spacing=None, calls=_heun_calls),
 }

@@ -115,6 +115,21 @@ def test_deterministic_samplers_converge_to_the_ode_solution_at_their_order(repo
     assert not failures, failures
 
 
+def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m_and_its_noise_keeps_the_marginals():
+    x_T = jax.random.normal(jax.random.key(8), (64, 2))
+    ode = _run("dpmpp_2m_karras", x_T, 12)
+    np.testing.assert_array_equal(_run("dpmpp_2m_sde_karras", x_T, 12, eta=0.0).x, ode.x)
+    # Data at a point mass: x0_hat = 0 is exact at every level, so one SDE step must carry x ~ N(0, sigma^2)
+    # to N(0, sigma_next^2) exactly: the shrinking (sigma_next / sigma)^2 and the fresh noise must add up.
+    n, sigma, sigma_next = 200_000, 3.0, 1.0
+    data = jnp.zeros((n, 2))  # a point mass at 0: x0_hat = 0 exactly
+    grid = samplers.SigmaGrid(jnp.asarray([0.0]), jnp.asarray([sigma, sigma_next]))
+    x = sigma * jax.random.normal(jax.random.key(9), (n, 2))
+    slope = lambda x, s: ((x - data) / s, data)  # noqa: E731
+    (x_next, _), _ = samplers.dpmpp_2m_sde_step(slope, grid, (x, jnp.zeros((1, n, 2))), 0, jax.random.key(10))
+    np.testing.assert_allclose(np.std(x_next), sigma_next, rtol=0.01)
+
+
 def test_euler_is_ddim_in_sigma_space():
     # On the same grid (all T integer timesteps), DDIM's update sqrt(ab') x0 + sqrt(1 - ab') eps is
     # exactly an Euler step of dx/dsigma = (x - x0_hat) / sigma for x = x_t / sqrt(alpha_bar).
@@ -138,7 +153,7 @@ def test_long_and_good_samplers_reproduce_the_mixture_and_5_steps_do_not(report)
     x_T = jax.random.normal(jax.random.key(2), (n, 2))
     truth, _ = mixture.sample(RING, jax.random.key(3), n)
     distance = {}
-    for name, steps in [("ddpm", 1000), ("dpmpp_2m", 20), ("euler_a", 50), ("dpmpp_2m", 5)]:
+    for name, steps in [("ddpm", 1000), ("dpmpp_2m", 20), ("euler_a", 50), ("dpmpp_2m_sde", 25), ("dpmpp_2m", 5)]:
         x = _run(name, x_T, steps, key=jax.random.key(5)).x
         distance[name, steps] = metrics.sliced_wasserstein(x, truth)
         weights = metrics.mode_weights(x, RING)
@@ -197,7 +212,10 @@ def test_grids_and_nfe_follow_the_common_implementations():
     flow = make_plan("flow_euler", schedule=None, steps=4, parameterization="velocity", shift=3.0)
     np.testing.assert_allclose(flow.grid.sigmas, [1.0, 0.9, 0.75, 0.5, 0.0])  # 3t / (1 + 2t)
     nfe = {name: plan(name).nfe for name in samplers.SAMPLERS if not name.startswith("flow")}
-    assert nfe == dict(ddpm=10, ddim=10, plms=11, euler=10, euler_a=10, heun=19, dpmpp_2m=10, dpmpp_2m_karras=10)
+    assert nfe == dict(
+        ddpm=10, ddim=10, plms=11, euler=10, euler_a=10, heun=19, dpmpp_2m=10, dpmpp_2m_karras=10, dpmpp_2m_sde=10,
+        dpmpp_2m_sde_karras=10,
+    )
     assert make_plan("flow_heun", schedule=None, steps=10, parameterization="velocity").nfe == 19
 
 
@@ -261,7 +279,7 @@ def test_ddim_with_eta_one_is_ddpm_and_ddpm_uses_the_posterior_of_ho_et_al():
 
 # --- Determinism, loop forms, trajectories, compilation ---------------------------------------
 
-LOOP_CASES = [("ddpm", {}), ("plms", {}), ("heun", {"churn": 1.0})]
+LOOP_CASES = [("ddpm", {}), ("plms", {}), ("heun", {"churn": 1.0}), ("dpmpp_2m_sde_karras", {})]
 
 
 @pytest.mark.parametrize("name, options", LOOP_CASES)
