@@ -67,7 +67,7 @@ class Config:
     label_dropout: float = 0.1
     # Optimisation
     batch_size: int = 64
-    steps: int = 2200
+    steps: int = 1800
     learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
