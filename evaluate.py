@@ -6,7 +6,7 @@ against the 1,000 held-out real digits (``diffusion.evaluation``): classifier
 accuracy, classifier FID beside its real-vs-real floor (the score of a perfect
 generator at this n), precision and recall. Examples:
 
-    python evaluate.py                                  # DDIM 25 steps, guidance 1.5 in sigma 0.28-5.42
+    python evaluate.py                                  # DDIM 25 steps, guidance 1.75 in sigma 0.28-5.42
     python evaluate.py --sampler dpmpp_2m_karras --steps 10 --json
     python evaluate.py --n 200 --guidance 1             # a quick look, unguided
 """

@@ -4,7 +4,7 @@ Writes a PNG grid (one row per seed, one column per label) into outputs/;
 every PNG carries its settings, and ``--from-png`` makes the same files again,
 bit for bit. Examples:
 
-    python sample.py                                  # 4 seeds x every class, DDIM 25 steps, guidance 1.5
+    python sample.py                                  # 4 seeds x every class, DDIM 25 steps, guidance 1.75
     python sample.py --seed 0-15 --label 7 --sampler dpmpp_2m_karras --steps 15
     python sample.py --label 3 --negative-label 8 --guidance 4
     python sample.py --interpolate 1 2 --n 10 --label 5   # noise moving from seed 1 to seed 2 (slerp)

@@ -139,7 +139,7 @@ def sampling_flags(description: str) -> Parser:
     flag("--sampler", choices=samplers.SAMPLERS, help="default: ddim, or flow_euler for a flow-matching model")
     flag("--steps", type=int, help="sampler steps (default: 25)")
     flag("--spacing", choices=("linspace", "leading", "trailing", "karras"), help="timesteps (default: the sampler's)")
-    flag("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: 1.5; 1 if unconditional)")
+    flag("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: 1.75; 1 if unconditional)")
     flag(
         "--guidance-interval",
         type=sigma_interval,
