@@ -124,7 +124,7 @@ def test_grid_carries_its_settings(grid, run_dir):
         steps=STEPS,
         seeds=(3, 4),
         labels=(1, 2),
-        guidance=1.5,
+        guidance=generate.DEFAULT_GUIDANCE,  # the default, recorded
         guidance_interval=(0.2, 4.0),
         trajectory=True,
         batch_size=BATCH,
