@@ -11,8 +11,9 @@ real-vs-real floor), precision and recall. The rows are each sampler at its
 usual setting (``USUAL``: DDIM, Euler, DPM++ 2M (Karras) at 10 and 20 steps,
 Heun at 10, PLMS at 20, DDPM and Euler a at 25 and 50, DPM++ 2M SDE Karras at
 25), each marked by how far its FID is from the best deterministic (or
-stochastic) row; ``--full`` adds every sampler at 5 to 100 steps and DDPM at 1000. Then a guidance sweep:
-DPM++ 2M at 20 steps, scales 1 to 4, in the default interval and at every step.
+stochastic) row; ``--full`` adds every sampler at 5 to 100 steps and DDPM at
+1000. Then a guidance sweep: DPM++ 2M at 20 steps, scales 1 to 4, in the
+default interval and at every step.
 
 Writes ``<out>/quality.md`` (the tables, the machine and the command),
 ``<out>/quality.png`` (FID against NFE per sampler) and the raw rows as

@@ -423,20 +423,20 @@ def dpmpp_2m_sde_step(slope, grid, state, i, key, *, eta=1.0):
 
     The multistep of ``dpmpp_2m_step`` for the reverse SDE instead of the ODE:
     over a step of h in lambda = -log sigma, x is shrunk by (sigma_next / sigma)
-    e^{-eta h}, moves by 1 - e^{-(1 + eta) h} of the way to D, and gets fresh noise
-    of standard deviation sigma_next sqrt(1 - e^{-2 eta h}). eta = 1 is the SDE
-    (k-diffusion's ``sample_dpmpp_2m_sde`` with its midpoint correction, per-step
-    Gaussian noise in place of its Brownian tree); eta = 0 is ``dpmpp_2m_step``.
+    e^{-eta h} = e^{-(1 + eta) h}, moves the rest of the way to D, and gets fresh
+    noise of standard deviation sigma_next sqrt(1 - e^{-2 eta h}). eta = 1 is the
+    SDE (k-diffusion's ``sample_dpmpp_2m_sde`` with its midpoint correction,
+    per-step Gaussian noise in place of its Brownian tree); eta = 0 is the ODE
+    update of ``dpmpp_2m_step``.
     """
-    if eta == 0:  # the ODE (and e^{-eta h} would be e^{-0 * inf} = nan on the last step)
-        return dpmpp_2m_step(slope, grid, state, i, key)
     x, history = state
     sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
     _, x0 = slope(x, sigma)
     h, d = _dpmpp_2m_data(grid, i, x0, history)
-    x_next = (sigma_next / sigma) * jnp.exp(-eta * h) * x - jnp.expm1(-(1.0 + eta) * h) * d
-    noise = sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * eta * h)) * _normal(key, x)
-    return (x_next + noise, x0[None]), x0
+    x_next = jnp.exp(-(1.0 + eta) * h) * x - jnp.expm1(-(1.0 + eta) * h) * d
+    if eta > 0:  # (at eta = 0 the noise's -2 eta h would be 0 * inf = nan on the last step)
+        x_next = x_next + sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * eta * h)) * _normal(key, x)
+    return (x_next, x0[None]), x0
 
 
 # --- The registry ----------------------------------------------------------------------

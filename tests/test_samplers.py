@@ -118,16 +118,18 @@ def test_deterministic_samplers_converge_to_the_ode_solution_at_their_order(repo
 def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m_and_its_noise_keeps_the_marginals():
     x_T = jax.random.normal(jax.random.key(8), (64, 2))
     ode = _run("dpmpp_2m_karras", x_T, 12)
-    np.testing.assert_array_equal(_run("dpmpp_2m_sde_karras", x_T, 12, eta=0.0).x, ode.x)
-    # Data at a point mass: x0_hat = 0 is exact at every level, so one SDE step must carry x ~ N(0, sigma^2)
-    # to N(0, sigma_next^2) exactly: the shrinking (sigma_next / sigma)^2 and the fresh noise must add up.
+    np.testing.assert_allclose(_run("dpmpp_2m_sde_karras", x_T, 12, eta=0.0).x, ode.x, rtol=1e-5, atol=1e-5)
+    # Data at a point mass m: x0_hat = m is exact at every level, so one SDE step must carry x ~ N(m, sigma^2)
+    # to N(m, sigma_next^2) exactly: the move towards D must complement the shrinking (the mean), and the
+    # shrinking and the fresh noise must add up (the spread).
     n, sigma, sigma_next = 200_000, 3.0, 1.0
-    data = jnp.zeros((n, 2))  # a point mass at 0: x0_hat = 0 exactly
+    m = jnp.broadcast_to(jnp.asarray([2.0, -1.0]), (n, 2))
     grid = samplers.SigmaGrid(jnp.asarray([0.0]), jnp.asarray([sigma, sigma_next]))
-    x = sigma * jax.random.normal(jax.random.key(9), (n, 2))
-    slope = lambda x, s: ((x - data) / s, data)  # noqa: E731
+    x = m + sigma * jax.random.normal(jax.random.key(9), (n, 2))
+    slope = lambda x, s: ((x - m) / s, m)  # noqa: E731
     (x_next, _), _ = samplers.dpmpp_2m_sde_step(slope, grid, (x, jnp.zeros((1, n, 2))), 0, jax.random.key(10))
-    np.testing.assert_allclose(np.std(x_next), sigma_next, rtol=0.01)
+    np.testing.assert_allclose(np.mean(x_next, axis=0), [2.0, -1.0], atol=0.01)
+    np.testing.assert_allclose(np.std(x_next, axis=0), sigma_next, rtol=0.01)
 
 
 def test_euler_is_ddim_in_sigma_space():
