@@ -50,6 +50,7 @@ def evaluate(settings: generate.Settings, reference: str = "test", checkpoint: r
         "steps": settings.steps,
         "spacing": settings.spacing or samplers.SAMPLERS[settings.sampler].spacing,  # None for flow samplers
         "guidance": settings.guidance,
+        "guidance_interval": settings.guidance_interval,
         "first_seed": settings.seeds[0],
         "reference": reference,
         **results,
@@ -57,6 +58,11 @@ def evaluate(settings: generate.Settings, reference: str = "test", checkpoint: r
         "sampling_s": sampled - started,
         "metrics_s": time.perf_counter() - sampled,
     }
+
+
+def _where(interval, scale) -> str:
+    """Where guidance acts, as the table says it: ' in sigma [0.28, 5.42]', or nothing for every step."""
+    return "" if interval is None or scale == 1 else f" in sigma [{interval[0]:g}, {interval[1]:g}]"
 
 
 def table(row: dict) -> str:
@@ -74,7 +80,7 @@ def table(row: dict) -> str:
     ]
     header = (
         f"{row['checkpoint']}: {row['sampler']} ({row['spacing'] or 'flow'} timesteps), {row['steps']} steps, "
-        f"guidance {row['guidance']:g}, "
+        f"guidance {row['guidance']:g}{_where(row.get('guidance_interval'), row['guidance'])}, "
         f"{row['nfe']} network calls per digit"
     )
     footer = (

@@ -21,7 +21,8 @@ elsewhere: at high noise, where the layout of the image is chosen, guidance
 pulls every sample towards the same few modes (less diversity), and at low
 noise it does little but sharpen. ``interval`` is given in the denoiser's own
 time (a timestep of the schedule, or flow time); ``generate`` converts the
-paper's sigma interval.
+paper's sigma interval. A step outside the interval calls the network on the
+conditional batch alone (``lax.cond``), so it costs half a guided step.
 
 Guidance rescale (Lin et al. 2023, eq. 15-16) counters the over-saturation of
 large scales: the guided prediction is rescaled to the standard deviation of
@@ -38,6 +39,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from diffusion.errors import InputError
 
@@ -69,13 +71,19 @@ class Guided:
             raise InputError("classifier-free guidance needs a condition: pass cond (one per example) to the sampler")
         cond = jnp.asarray(cond)
         t = jnp.broadcast_to(t, x.shape[:1])
+        if self.interval is None:
+            return self._guide(x, t, cond, self.scale)
+        low, high = self.interval  # the conditional prediction (scale 1) outside [low, high]
+        inside = (t >= low) & (t <= high)
+        scale = jnp.where(inside, self.scale, 1.0).reshape(-1, *(1,) * (x.ndim - 1))
+        # A step outside the interval needs no unconditional branch: one network call on the plain batch.
+        return lax.cond(jnp.any(inside), lambda: self._guide(x, t, cond, scale), lambda: self.denoiser(x, t, cond))
+
+    def _guide(self, x, t, cond, scale):
+        """Both branches as one call on a doubled batch, combined with ``scale`` (eq. 6), then rescaled."""
         negative = jnp.broadcast_to(jnp.asarray(self.negative, cond.dtype), cond.shape)
         both = self.denoiser(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, negative]))
         conditional, unconditional = jnp.split(both, 2)
-        scale = self.scale
-        if self.interval is not None:  # the conditional prediction (scale 1) outside [low, high]
-            low, high = self.interval
-            scale = jnp.where((t >= low) & (t <= high), self.scale, 1.0).reshape(-1, *(1,) * (x.ndim - 1))
         guided = unconditional + scale * (conditional - unconditional)
         return rescale_guidance(guided, conditional, self.rescale) if self.rescale else guided
 

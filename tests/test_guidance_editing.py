@@ -53,6 +53,20 @@ def test_guidance_in_an_interval_is_the_conditional_prediction_outside_it():
     inside = np.array([False, True, True, False])
     np.testing.assert_allclose(guided[inside], (unconditional + 3.0 * (conditional - unconditional))[inside], atol=1e-5)
     np.testing.assert_allclose(guided[~inside], conditional[~inside], atol=1e-6)
+
+    executed = []  # batch sizes of the network calls that run (not just traced)
+
+    def counting(x, t, cond):
+        jax.debug.callback(lambda x: executed.append(len(x)), x)
+        return EPS(x, t, cond)
+
+    outside = jax.jit(classifier_free_guidance(counting, 3.0, NULL, interval=(300.0, 500.0)))
+    np.testing.assert_allclose(outside(x, jnp.full((4,), 700.0), cond), eps(x, jnp.full((4,), 700.0), cond), atol=1e-6)
+    jax.effects_barrier()
+    assert executed == [4]  # outside the interval: the conditional batch alone
+    outside(x, t, cond)
+    jax.effects_barrier()
+    assert executed == [4, 8]  # some inside: both branches
     with pytest.raises(ValueError, match=r"two times \(low, high\) with low <= high"):
         classifier_free_guidance(EPS, 3.0, NULL, interval=(500.0, 300.0))
 

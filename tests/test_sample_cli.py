@@ -291,8 +291,14 @@ def test_evaluate_prints_the_metrics_of_generated_digits(run_dir, monkeypatch):
     assert row["n"] == 20 and row["sampler"] == "ddim" and row["steps"] == STEPS and row["nfe"] == STEPS
     assert 0.0 <= row["accuracy"] <= 1.0 and row["fid"] > row["floor"] > 0.0  # random weights: far from real digits
     assert row["sampling_s"] > 0 and 0.0 <= row["precision"] <= 1.0
+    assert row["guidance_interval"] == list(generate.DEFAULT_GUIDANCE_INTERVAL)
     table = evaluation.table(row)
-    assert "classifier FID" in table and f"{row['fid']:.2f}" in table
+    assert "classifier FID" in table and f"{row['fid']:.2f}" in table and "in sigma [0.28, 5.42]" in table
+
+    flags = ("--checkpoint", run_dir, "--n", 10, "--steps", STEPS, "--batch-size", BATCH, "--json")
+    code, stdout, stderr = run(evaluate.main, *flags, "--guidance-interval", "none")
+    assert code == 0, stderr
+    assert json.loads(stdout)["guidance_interval"] is None  # the flag reaches the sampler's settings
 
     code, stdout, stderr = run(evaluate.main, "--checkpoint", run_dir, "--n", 25)
     assert code == 2 and stderr == "error: n must be at least 4 and a multiple of the 10 classes (got 25)\n"
