@@ -223,8 +223,10 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
         seeds=(0,),
         labels=tuple(range(config.num_classes)) or (None,),
         guidance=DEFAULT_GUIDANCE if config.num_classes else 1.0,
-        guidance_interval=DEFAULT_GUIDANCE_INTERVAL if config.num_classes else None,
     )
+    # The default interval goes with guidance; an unguided run (guidance 1) has none.
+    guided = choices.get("guidance", defaults["guidance"]) != 1.0
+    defaults["guidance_interval"] = DEFAULT_GUIDANCE_INTERVAL if guided else None
     return Settings(**{**defaults, **choices})
 
 

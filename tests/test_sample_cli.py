@@ -188,7 +188,9 @@ def test_guidance_pushes_away_from_the_null_label_or_the_negative_label(run_dir)
         )
         away = denoiser(x, t, jnp.full((2,), negative))
         np.testing.assert_allclose(guided(x, t, cond), away + 3.0 * (denoiser(x, t, cond) - away), atol=1e-5)
-    plain = generate.guided_denoiser(model, dataclasses.replace(settings, guidance=1.0), opened.config)
+    unguided = generate.default_settings(opened, guidance=1.0)
+    assert unguided.guidance_interval is None  # the default interval goes with guidance, not with guidance 1
+    plain = generate.guided_denoiser(model, unguided, opened.config)
     np.testing.assert_array_equal(plain(x, t, cond), denoiser(x, t, cond))
     # In a sigma interval: guided where the noise level is inside it, the conditional model elsewhere.
     schedule = opened.config.noise_schedule
