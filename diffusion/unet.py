@@ -15,7 +15,10 @@ A U-Net (Ronneberger et al. 2015) in the form diffusion models use (Ho et al.
 - A level is ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3×3 conv,
   plus the conditioning vector; then GroupNorm, SiLU, dropout, 3×3 conv), each
   followed by self-attention when the level's resolution is listed in
-  ``attention_resolutions``. The middle has two blocks with attention between.
+  ``attention_resolutions`` (``diffusion.attention``). The middle has two
+  blocks with attention between. A text model (``context_dim`` > 0) adds
+  cross-attention to a prompt's tokens after every self-attention, and the
+  prompt's pooled vector to the conditioning vector (Rombach et al. 2022).
 - The output of each down level is concatenated onto the input of its up level
   (the skip connections that give a U-Net its name).
 - The noise level enters through the conditioning vector: a sinusoidal
@@ -51,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion.attention import CrossAttention, SelfAttention
 from diffusion.errors import ConfigError, InputError, check_whole, is_whole
 from diffusion.forward import PARAMETERIZATIONS
 
@@ -146,30 +150,6 @@ class ResBlock(nnx.Module):
         return (x if self.skip is None else self.skip(x)) + h
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention over the H×W positions, with a residual connection.
-
-    softmax(q kᵀ / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1), on
-    GroupNorm-ed features; used at low resolutions, where positions are few.
-    """
-
-    def __init__(self, channels, *, num_heads, norm_groups, dtype, rngs):
-        self.num_heads = num_heads
-        self.norm = GroupNorm(channels, norm_groups)
-        self.qkv = nnx.Linear(channels, 3 * channels, dtype=dtype, rngs=rngs)
-        self.out = nnx.Linear(channels, channels, dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs)
-
-    def __call__(self, x):
-        B, H, W, C = x.shape
-        q, k, v = jnp.split(
-            self.qkv(self.norm(x)).reshape(B, H * W, 3 * self.num_heads, C // self.num_heads), 3, axis=2
-        )
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(C // self.num_heads)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        h = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, H, W, C)
-        return x + self.out(h)
-
-
 class Level(nnx.Module):
     """``num_res_blocks`` residual blocks at one resolution, each optionally followed by attention."""
 
@@ -184,6 +164,7 @@ class Level(nnx.Module):
         num_heads,
         dropout,
         norm_groups,
+        context_dim,
         dtype,
         rngs,
     ):
@@ -194,16 +175,28 @@ class Level(nnx.Module):
                 for i in range(num_res_blocks)
             ]
         )
-        self.attentions = nnx.List(
-            [Attention(out_channels, num_heads=num_heads, **common) for _ in range(num_res_blocks)] if attention else []
-        )
+        attending = dict(num_heads=num_heads, norm_groups=norm_groups, context_dim=context_dim, dtype=dtype, rngs=rngs)
+        each = range(num_res_blocks) if attention else ()
+        self.attentions = nnx.List([_attention(out_channels, **attending) for _ in each])
+        self.cross_attentions = nnx.List([_cross_attention(out_channels, **attending) for _ in each if context_dim])
 
-    def __call__(self, x, emb, rngs):
+    def __call__(self, x, emb, rngs, context=None):
         for i, block in enumerate(self.blocks):
             x = block(x, emb, rngs)
             if self.attentions:
                 x = self.attentions[i](x)
+            if self.cross_attentions:
+                x = self.cross_attentions[i](x, context)
         return x
+
+
+def _attention(channels, *, num_heads, norm_groups, context_dim, dtype, rngs):
+    return SelfAttention(channels, num_heads=num_heads, norm=GroupNorm(channels, norm_groups), dtype=dtype, rngs=rngs)
+
+
+def _cross_attention(channels, *, num_heads, norm_groups, context_dim, dtype, rngs):
+    norm = GroupNorm(channels, norm_groups)
+    return CrossAttention(channels, context_dim, num_heads=num_heads, norm=norm, dtype=dtype, rngs=rngs)
 
 
 def _upsample(x):
@@ -227,6 +220,8 @@ class UNetConfig:
         num_classes: class labels 0 .. num_classes-1, plus the null label ``num_classes``; 0 = unconditional.
         norm_groups: GroupNorm groups; must divide every level's channels.
         parameterization: what the output means: "eps", "x0", "v" or (flow models) "velocity".
+        context_dim: width of the text encoder's tokens, read by cross-attention after every
+            self-attention (and a pooled vector added to the time embedding); 0 = no text.
         compute_dtype: "float32", or "bfloat16" for matmuls and convolutions on accelerators
             (parameters, normalisation and softmax stay float32).
     """
@@ -242,6 +237,7 @@ class UNetConfig:
     num_classes: int = 0
     norm_groups: int = 8
     parameterization: str = "eps"
+    context_dim: int = 0
     compute_dtype: str = "float32"
 
     def __post_init__(self):
@@ -261,8 +257,9 @@ class UNetConfig:
         return [self.channels * m for m in self.channel_mult]
 
 
-# The UNetConfig fields, in order (the training config has a field of each name).
-UNET_FIELDS = tuple(f.name for f in dataclasses.fields(UNetConfig))
+# The UNetConfig fields, in order, that the training config has a field of each name for; a text model's
+# context_dim is its text encoder's width (diffusion.configs.TextConfig).
+UNET_FIELDS = tuple(f.name for f in dataclasses.fields(UNetConfig) if f.name != "context_dim")
 
 
 class UNet(nnx.Module):
@@ -284,10 +281,13 @@ class UNet(nnx.Module):
         self.time_mlp1 = nnx.Linear(c.channels, emb_dim, dtype=dtype, rngs=rngs)
         self.time_mlp2 = nnx.Linear(emb_dim, emb_dim, dtype=dtype, rngs=rngs)
         self.label_emb = nnx.Embed(c.num_classes + 1, emb_dim, rngs=rngs) if c.num_classes else None
+        self.context_dim = c.context_dim
+        self.pooled_proj = nnx.Linear(c.context_dim, emb_dim, dtype=dtype, rngs=rngs) if c.context_dim else None
 
         common = dict(norm_groups=c.norm_groups, dtype=dtype, rngs=rngs)
         block = dict(dropout=c.dropout, **common)
-        level = dict(num_res_blocks=c.num_res_blocks, num_heads=c.num_heads, **block)
+        level = dict(num_res_blocks=c.num_res_blocks, num_heads=c.num_heads, context_dim=c.context_dim, **block)
+        attending = dict(num_heads=c.num_heads, context_dim=c.context_dim, **common)
         widths = c.widths
         attends = [r in c.attention_resolutions for r in c.resolutions]
 
@@ -301,7 +301,8 @@ class UNet(nnx.Module):
             previous = width
 
         self.mid1 = ResBlock(widths[-1], widths[-1], emb_dim, **block)
-        self.mid_attention = Attention(widths[-1], num_heads=c.num_heads, **common)
+        self.mid_attention = _attention(widths[-1], **attending)
+        self.mid_cross_attention = _cross_attention(widths[-1], **attending) if c.context_dim else None
         self.mid2 = ResBlock(widths[-1], widths[-1], emb_dim, **block)
 
         # Up levels mirror the down levels, from the lowest resolution to the
@@ -318,11 +319,12 @@ class UNet(nnx.Module):
             widths[0], c.in_channels, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs
         )
 
-    def __call__(self, x, t, labels=None, *, dropout_key=None):
+    def __call__(self, x, t, labels=None, *, context=None, dropout_key=None):
         """The prediction (of kind ``self.parameterization``) for noisy images x at times t.
 
         x: (B, H, W, C); t: (B,) or scalar floats (see the module docstring);
         labels: (B,) ints in 0 .. num_classes, None for the null label (unconditional);
+        context: a prompt's ``diffusion.attention.Context`` when ``context_dim`` > 0;
         dropout_key: a PRNG key during training, None (no dropout) for sampling.
         """
         B, H, W, C = x.shape
@@ -333,12 +335,20 @@ class UNet(nnx.Module):
             )
         if labels is not None and not self.num_classes:
             raise InputError("this U-Net is unconditional (num_classes=0); call it with labels=None")
+        if (context is None) != (not self.context_dim):
+            raise InputError(
+                f"this U-Net reads a text context of width {self.context_dim}: pass context"
+                if self.context_dim
+                else "this U-Net reads no text (context_dim=0); call it with context=None"
+            )
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (B,))
         emb = self.time_mlp2(nnx.silu(self.time_mlp1(timestep_embedding(t * self.time_scale, self.channels))))
         if self.label_emb is not None:
             labels = jnp.full((B,), self.num_classes) if labels is None else jnp.asarray(labels)
             emb = emb + self.label_emb(labels)
+        if self.pooled_proj is not None:
+            emb = emb + self.pooled_proj(context.pooled)
         # Each dropout layer draws its own key from this stream.
         rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
 
@@ -346,15 +356,18 @@ class UNet(nnx.Module):
         h = self.conv_in(jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0))))
         skips = []
         for i, level in enumerate(self.down):
-            h = level(h, emb, rngs)
+            h = level(h, emb, rngs, context)
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
 
-        h = self.mid2(self.mid_attention(self.mid1(h, emb, rngs)), emb, rngs)
+        h = self.mid_attention(self.mid1(h, emb, rngs))
+        if self.mid_cross_attention is not None:
+            h = self.mid_cross_attention(h, context)
+        h = self.mid2(h, emb, rngs)
 
         for i, level in enumerate(self.up):
-            h = level(jnp.concatenate([h, skips.pop()], axis=-1), emb, rngs)
+            h = level(jnp.concatenate([h, skips.pop()], axis=-1), emb, rngs, context)
             if i < len(self.upsample):
                 h = self.upsample[i](_upsample(h))
 
@@ -376,6 +389,8 @@ def _check(c: UNetConfig):
         raise ConfigError("channel_mult needs at least one level, e.g. (1, 2, 2)")
     for m in c.channel_mult:
         check_whole("each channel_mult entry", m, 1, ConfigError)
+    if not is_whole(c.context_dim, 0):
+        raise ConfigError(f"context_dim must be a whole number >= 0 (got {c.context_dim!r}); 0 means no text")
     if not is_whole(c.num_classes, 0):
         raise ConfigError(f"num_classes must be a whole number >= 0 (got {c.num_classes!r}); 0 means unconditional")
     if not 0.0 <= c.dropout < 1.0:

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import randomized
 from diffusion import captions, tokenizer
+from diffusion.attention import Context, CrossAttention, attend
 from diffusion.errors import InputError
+from diffusion.text_encoder import TextEncoder, TextEncoderConfig, TextUNet
+from diffusion.unet import GroupNorm, UNet, UNetConfig
 
 TOKENIZER = tokenizer.caption_tokenizer()
 
@@ -60,3 +64,68 @@ def test_bad_prompts_say_what_to_change(prompt, message):
 def test_a_prompt_must_be_text():
     with pytest.raises(InputError, match="a prompt is text"):
         TOKENIZER.encode(7)
+
+
+# --- Attention with a key mask ------------------------------------------------------------
+
+
+def test_masked_keys_get_no_weight():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 3, 4)) for i in range(3))
+    mask = jnp.array([[True, True, False, True, False], [True] * 5])
+    out, weights = attend(q, k, v, mask)
+    assert weights.shape == (2, 3, 5, 5) and not weights[0, :, :, ~np.asarray(mask[0])].any()
+    kept = np.flatnonzero(mask[0])
+    np.testing.assert_allclose(out[0], attend(q[:1], k[:1, kept], v[:1, kept])[0][0], atol=1e-6)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+
+
+def test_cross_attention_ignores_padded_tokens_and_reads_the_real_ones():
+    block = randomized(CrossAttention(8, 6, num_heads=2, norm=GroupNorm(8, 4), dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+    tokens = jax.random.normal(jax.random.key(2), (2, 3, 6))
+    short = Context(tokens, jnp.ones((2, 3), bool), tokens.mean(1))
+    padding = 100.0 * jax.random.normal(jax.random.key(3), (2, 5, 6))  # anything at all in the padded places
+    padded = Context(jnp.concatenate([tokens, padding], 1), jnp.arange(8) < 3, tokens.mean(1))
+    padded = padded._replace(mask=jnp.broadcast_to(padded.mask, (2, 8)))
+    np.testing.assert_allclose(block(x, short), block(x, padded), atol=1e-5)
+    other = short._replace(tokens=tokens[:, ::-1] + 1.0)
+    assert float(jnp.abs(block(x, short) - block(x, other)).max()) > 1e-2
+
+
+def test_the_text_encoder_means_the_same_whatever_the_padding():
+    """An encoder reading 12 tokens and one reading 8, with the same weights: the real tokens come out equal."""
+    vocab = len(TOKENIZER.vocabulary)
+    long = randomized(TextEncoder(TextEncoderConfig(vocab, 12, width=16), rngs=nnx.Rngs(0)))
+    short = TextEncoder(TextEncoderConfig(vocab, 8, width=16), rngs=nnx.Rngs(0))
+    short_state = nnx.state(short)
+    long_state = nnx.state(long)
+    nnx.update(short, jax.tree.map(lambda s, l: l[: s.shape[0]] if s.shape != l.shape else l, short_state, long_state))
+    ids8 = TOKENIZER.encode_all(["a bold seven", "thin 3 leaning left"])
+    ids12 = np.pad(ids8, ((0, 0), (0, 4)))
+    a, b = short(ids8), long(ids12)
+    assert a.tokens.shape == (2, 8, 16) and a.pooled.shape == (2, 16) and a.mask.sum() == 3 + 4
+    np.testing.assert_allclose(a.tokens[a.mask], b.tokens[b.mask], atol=1e-5)
+    np.testing.assert_allclose(a.pooled, b.pooled, atol=1e-5)
+    with pytest.raises(InputError, match=r"token ids have shape \(B, 8\)"):
+        short(ids12)
+
+
+def test_a_text_unet_reads_its_prompt():
+    unet = UNetConfig(image_size=8, in_channels=1, channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
+                      norm_groups=4, parameterization="v")
+    model = TextUNet(unet, TextEncoderConfig(len(TOKENIZER.vocabulary), 8, width=16), TOKENIZER.vocabulary,
+                     rngs=nnx.Rngs(0))
+    assert model.unet.config.context_dim == 16 and len(model.unet.down[1].cross_attentions) == 1
+    model = randomized(model)
+    call = nnx.jit(lambda model, x, t, ids: model(x, t, ids))
+    x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), jnp.array([100.0, 600.0])
+    seven, bold = TOKENIZER.encode_all(["a seven", "a seven"]), TOKENIZER.encode_all(["a bold seven"] * 2)
+    assert call(model, x, t, seven).shape == (2, 8, 8, 1)
+    assert float(jnp.abs(call(model, x, t, seven) - call(model, x, t, bold)).max()) > 1e-3
+    empty = np.broadcast_to(TOKENIZER.empty_ids, (2, 8))
+    np.testing.assert_array_equal(nnx.jit(lambda model, x, t: model(x, t))(model, x, t), call(model, x, t, empty))
+    with pytest.raises(InputError, match="reads a text context of width 16"):
+        model.unet(x, t)
+    plain = UNet(unet, rngs=nnx.Rngs(0))
+    with pytest.raises(InputError, match="reads no text"):
+        plain(x, t, context=model.text_encoder(seven))
