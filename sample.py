@@ -1,12 +1,13 @@
 """Sample images from a trained checkpoint: ``python sample.py [--checkpoint runs/default] [options]``.
 
-Writes a PNG grid (one row per seed, one column per label) into outputs/;
+Writes a PNG grid (one row per seed, one column per label, or per prompt for a text model) into outputs/;
 every PNG carries its settings, and ``--from-png`` makes the same files again,
 bit for bit. Examples:
 
     python sample.py                                  # 4 seeds x every class, DDIM 25 steps, guidance 1.75
     python sample.py --seed 0-15 --label 7 --sampler dpmpp_2m_karras --steps 15
     python sample.py --label 3 --negative-label 8 --guidance 4
+    python sample.py --checkpoint runs/text --prompt "a bold seven" --negative-prompt "leaning right"
     python sample.py --interpolate 1 2 --n 10 --label 5   # noise moving from seed 1 to seed 2 (slerp)
     python sample.py --init-image digit.png --strength 0.6 --label 8    # img2img (SDEdit)
     python sample.py --init-image digit.png --mask mask.png             # inpaint where the mask is white
@@ -47,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     flag("--label", type=cli.label_list, help="the class of each column: 3, 0,1,2 or none (default: every class)")
     flag("--negative-label", type=cli.label, help="a class for guidance to push away from")
+    flag(
+        "--prompt",
+        action="append",
+        help='a text model: the prompt of a column, e.g. "a bold seven" (give it again for more columns)',
+    )
+    flag("--negative-prompt", help='a text model: what guidance pushes away from, e.g. "thin" (default: "")')
     flag("--init-image", help="a picture to start from: img2img with --strength, inpainting with --mask")
     flag("--strength", type=float, help="img2img: 0 keeps the init image, 1 ignores it")
     flag("--mask", help="inpainting: white = generate, black = keep the init image")
@@ -79,6 +86,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[generate.Settings, run
         raise UsageError(f"--n must be a whole number >= 1 (got {n})")
     if "label" in given:
         given["labels"] = given.pop("label")
+    if "prompt" in given:
+        given["prompts"] = tuple(given.pop("prompt"))
     if "interpolate" in given:
         if "seed" in given:
             raise UsageError("--interpolate names its two seeds; leave out --seed")

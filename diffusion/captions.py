@@ -80,6 +80,12 @@ class Combination(NamedTuple):
     attributes: dict
 
 
+# Prompts that show each attribute at both ends: the rows of a text run's sample grids, sample.py's default.
+EXAMPLE_PROMPTS = (
+    "a thin one", "a bold one", "a small two", "a large two", "a four leaning left", "a four leaning right",
+    "a thin seven", "a bold seven", "an upright nine", "a nine leaning right",
+)
+
 # No training caption names all the parts of one of these (a caption may name some of them).
 HELD_OUT = (
     Combination(4, {"thickness": "bold", "slant": "left"}),
@@ -200,3 +206,19 @@ def caption(rng: np.random.Generator, digit: int, bins: dict, held_out: bool = T
     if rng.random() < ARTICLE_PROBABILITY:
         words.insert(0, "an" if words[0][0] in "eu8" else "a")  # an eight, an upright one, a one
     return " ".join(words)
+
+
+def digit_table(images, labels, num_classes: int = 10) -> np.ndarray:
+    """One row per digit, (N, 1 + len(BINS)) int64: its label, then its bin index for each attribute of ``BINS``,
+    cut at the terciles of these digits (``attribute_thresholds``)."""
+    measured = measure(images)
+    bins = attribute_bins(measured, labels, attribute_thresholds(measured, labels, num_classes))
+    return np.stack([np.asarray(labels, np.int64), *(bins[name] for name in BINS)], axis=1)
+
+
+def captions_of(rng: np.random.Generator, rows) -> list[str]:
+    """A fresh caption for each row of a ``digit_table``."""
+    return [
+        caption(rng, int(row[0]), {name: BINS[name][b] for name, b in zip(BINS, row[1:])})
+        for row in np.asarray(rows)
+    ]

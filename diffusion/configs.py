@@ -21,9 +21,10 @@ import math
 from pathlib import Path
 from typing import ClassVar
 
-from diffusion import data
+from diffusion import data, tokenizer
 from diffusion.errors import ConfigError, check_whole
 from diffusion.schedules import BETA_SCHEDULES, Schedule
+from diffusion.text_encoder import TextEncoderConfig
 from diffusion.unet import UNET_FIELDS, UNetConfig
 
 
@@ -108,6 +109,55 @@ class Config:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
 
+@dataclasses.dataclass(frozen=True)
+class TextConfig(Config):
+    """A text-conditioned run: the fields of ``Config``, and a text encoder read through cross-attention.
+
+    The digits are captioned afresh each time they are seen (``diffusion.captions``),
+    tokenized with ``vocabulary`` (``diffusion.tokenizer``), and a caption is
+    replaced by the empty prompt with probability ``prompt_dropout``. The U-Net
+    has no class labels (``num_classes`` = 0).
+    """
+
+    kind: ClassVar[str] = "text"
+
+    num_classes: int = 0
+    text_width: int = 32  # the encoder's width, and the tokens' width that cross-attention reads
+    text_layers: int = 2
+    text_heads: int = 2
+    max_tokens: int = tokenizer.MAX_TOKENS
+    vocabulary: tuple[str, ...] = tokenizer.caption_tokenizer().vocabulary
+    prompt_dropout: float = 0.1
+
+    def __post_init__(self):
+        object.__setattr__(self, "vocabulary", tuple(self.vocabulary))
+        super().__post_init__()
+        if self.num_classes:
+            raise ConfigError("a text model is steered by prompts, not labels: leave num_classes at 0")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ConfigError(f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout}); 0.1 is usual")
+        if self.vocabulary[:2] != (tokenizer.PAD, tokenizer.EMPTY):
+            raise ConfigError(f"the vocabulary starts with {tokenizer.PAD} and {tokenizer.EMPTY}")
+        self.text_encoder  # the encoder's own checks (a ConfigError)
+
+    @property
+    def unet(self) -> UNetConfig:
+        return dataclasses.replace(super().unet, context_dim=self.text_width)
+
+    @property
+    def text_encoder(self) -> TextEncoderConfig:
+        """The text encoder this run trains."""
+        return TextEncoderConfig(
+            len(self.vocabulary), self.max_tokens, self.text_width, self.text_layers, self.text_heads,
+            self.compute_dtype,
+        )
+
+    @property
+    def tokenizer(self) -> tokenizer.Tokenizer:
+        """The tokenizer of this run's vocabulary."""
+        return tokenizer.Tokenizer(self.vocabulary, self.max_tokens)
+
+
 # The settings that decide what the network computes: a checkpoint can only be
 # resumed with the same values.
 ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "compute_dtype")) + (
@@ -115,6 +165,7 @@ ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "comp
     "num_timesteps",
     "zero_terminal_snr",
 )
+TEXT_ARCHITECTURE_FIELDS = ("text_width", "text_layers", "text_heads", "max_tokens", "vocabulary")
 
 PRESETS = {
     # For tests and a first look: seconds on a CPU, nothing learned.
@@ -133,6 +184,24 @@ PRESETS = {
     ),
     # The default: the Config defaults above.
     "cpu": dict(),
+    # Text prompts (TextConfig): digits captioned by their thickness, slant and size, on a laptop CPU.
+    "text": dict(),
+    # For tests: a text model of seconds.
+    "text-tiny": dict(
+        channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(14,),
+        norm_groups=4,
+        text_width=8,
+        text_layers=1,
+        batch_size=16,
+        steps=20,
+        warmup_steps=5,
+        log_every=5,
+        checkpoint_every=10,
+        sample_every=20,
+        sample_steps=2,
+    ),
     # A larger model for a GPU, on the full MNIST (or --dataset fashion-mnist); 28 is padded to 32.
     "gpu": dict(
         dataset="mnist",
@@ -210,30 +279,38 @@ def _validate(c: Config):
     need(c.sample_guidance >= 1.0, f"sample_guidance must be >= 1 (got {c.sample_guidance}); 1 means no guidance")
 
 
+def config_class(preset: str) -> type[Config]:
+    """The class of a preset's config: ``TextConfig`` for the text presets, ``Config`` for the others."""
+    return TextConfig if preset.startswith("text") else Config
+
+
 def make_config(preset: str = "cpu", **overrides) -> Config:
-    """The named preset ("tiny", "cpu", "gpu") with ``overrides`` applied.
+    """The named preset ("tiny", "cpu", "gpu", "text", "text-tiny") with ``overrides`` applied.
 
     With ``resume=True`` use ``diffusion.runs.resume_config`` instead, which
     starts from the configuration saved in the run's last checkpoint.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
+    cls = config_class(preset)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
-    return Config(**{**PRESETS[preset], **overrides})
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)} for preset {preset}")
+    return cls(**{**PRESETS[preset], **overrides})
 
 
-def config_from_dict(values: dict) -> Config:
-    """A Config from a saved ``config.json`` (fields it lacks take their defaults; the kind and unknown keys are
+def config_from_dict(values: dict, cls: type[Config] = Config) -> Config:
+    """A ``cls`` from a saved ``config.json`` (fields it lacks take their defaults; the kind and unknown keys are
     ignored)."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in values.items() if k in known})
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def check_compatible(saved: Config, config: Config, where) -> None:
     """Raise a ConfigError naming the first architecture field in which a saved config differs from ``config``."""
-    for field in ARCHITECTURE_FIELDS:
+    if saved.kind != config.kind:
+        raise ConfigError(f"checkpoint {where} holds a {saved.kind} model, but the config is of a {config.kind} model")
+    for field in ARCHITECTURE_FIELDS + (TEXT_ARCHITECTURE_FIELDS if config.kind == "text" else ()):
         if getattr(saved, field) != getattr(config, field):
             raise ConfigError(
                 f"checkpoint {where} was trained with {field}={getattr(saved, field)!r}, "

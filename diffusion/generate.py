@@ -14,8 +14,11 @@ What decides each image:
 - **Noise.** The initial noise of seed s is ``jax.random.normal(jax.random.key(s),
   (H, W, C))``, whatever else is in the batch; with ``interpolate`` the noises
   run from seed A's to seed B's along the great circle between them (``slerp``).
-- **Labels.** Every noise is drawn once per label in ``labels`` (the grid has one
-  column per label), so rows compare classes on the same noise.
+- **Labels or prompts.** Every noise is drawn once per label in ``labels`` (the
+  grid has one column per label), or for a text model once per prompt in
+  ``prompts``, so rows compare conditions on the same noise. A text model's
+  guidance pushes away from ``negative_prompt`` (the empty prompt if None), a
+  label model's from ``negative_label`` (the null label if None).
 - **Sampler noise.** The images go through the sampler in the fewest batches
   of at most ``batch_size`` images, of even size (the last padded to the same
   shape, so that one compiled program serves them all). Stochastic samplers
@@ -46,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion import editing, files, guidance, pictures, noise, runs, samplers
+from diffusion import captions, editing, files, guidance, pictures, noise, runs, samplers
 from diffusion.configs import Config
 from diffusion.errors import GenerationError, is_whole
 from diffusion.schedules import timestep_at
@@ -73,6 +76,7 @@ _FIELD_TYPES = {  # the fields whose type __post_init__ checks directly; numbers
     "checkpoint": _TEXT,
     "sampler": _TEXT,
     "spacing": _OPTIONAL_TEXT,
+    "negative_prompt": _OPTIONAL_TEXT,
     "init_image": _OPTIONAL_TEXT,
     "mask": _OPTIONAL_TEXT,
     "resize": bool,
@@ -97,6 +101,8 @@ class Settings:
     steps: int
     seeds: tuple[int, ...]  # one noise per seed; with interpolate, the two end points
     labels: tuple[int | None, ...]  # the class of each grid column; None: the null label (no class)
+    prompts: tuple[str, ...] | None = None  # a text model: the prompt of each grid column (then labels = (None,))
+    negative_prompt: str | None = None  # a text model: what guidance pushes away from; None: the empty prompt
     guidance: float = 1.0  # classifier-free guidance scale; 1 = none
     guidance_interval: tuple[float, float] | None = None  # (sigma low, sigma high): guide only there; None: always
     negative_label: int | None = None  # the condition guidance pushes away from; None: the null label
@@ -113,10 +119,16 @@ class Settings:
     mask_sha256: str | None = None
 
     def __post_init__(self):
-        for name in ("seeds", "labels"):  # lists from JSON become tuples
+        for name in ("seeds", "labels", "prompts"):  # lists from JSON become tuples
             value = getattr(self, name)
+            if value is None and name == "prompts":
+                continue
             _need(isinstance(value, (list, tuple)), f"{name} must be a list (got {value!r})")
             object.__setattr__(self, name, tuple(value))
+        if self.prompts is not None:
+            _need(self.prompts, "give at least one prompt")
+            _need(all(isinstance(p, str) for p in self.prompts), f"prompts are text (got {list(self.prompts)!r})")
+            _need(self.labels == (None,), "a grid has prompts or labels, not both: leave the labels out")
         if self.guidance_interval == ():  # what the command line's "none" gives: guidance at every step
             object.__setattr__(self, "guidance_interval", None)
         if self.guidance_interval is not None:
@@ -178,8 +190,13 @@ class Settings:
         return self.interpolate or len(self.seeds)
 
     @property
+    def columns(self) -> tuple:
+        """The condition of each grid column: the prompts of a text model, else the labels."""
+        return self.labels if self.prompts is None else self.prompts
+
+    @property
     def num_images(self) -> int:
-        return self.num_noises * len(self.labels)
+        return self.num_noises * len(self.columns)
 
     def to_json(self) -> str:
         """The settings as one line of ASCII JSON (a PNG tEXt chunk holds Latin-1 only)."""
@@ -206,8 +223,9 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     """Settings for ``checkpoint`` with the usual defaults, then ``choices`` (Settings fields) applied.
 
     Defaults: DDIM (flow Euler for a flow-matching model), 25 steps, seed 0,
-    every class of a class-conditional model (the null label otherwise), and
-    for a class-conditional model guidance ``DEFAULT_GUIDANCE`` in
+    every class of a class-conditional model (the null label otherwise; for a
+    text model the prompts ``captions.EXAMPLE_PROMPTS``), and for a conditional
+    model guidance ``DEFAULT_GUIDANCE`` in
     ``DEFAULT_GUIDANCE_INTERVAL``; the sha256 of the
     checkpoint's weights and of the input images.
     """
@@ -215,14 +233,17 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     for name in ("init_image", "mask"):
         if choices.get(name) is not None:
             choices.setdefault(f"{name}_sha256", _input_sha256(choices[name], name.replace("_", " ")))
+    text = config.kind == "text"
     defaults = dict(
         checkpoint=str(checkpoint.path),
         checkpoint_sha256=checkpoint.sha256,
         sampler="flow_euler" if config.parameterization == "velocity" else "ddim",
         steps=25,
         seeds=(0,),
-        labels=tuple(range(config.num_classes)) or (None,),
-        guidance=DEFAULT_GUIDANCE if config.num_classes else 1.0,
+        # Every class, or the example prompts; none if the other kind of condition is given (check_settings says).
+        labels=tuple(range(config.num_classes)) if config.num_classes and "prompts" not in choices else (None,),
+        prompts=captions.EXAMPLE_PROMPTS if text and "labels" not in choices else None,
+        guidance=DEFAULT_GUIDANCE if config.num_classes or text else 1.0,
     )
     # The default interval goes with guidance; an unguided run (guidance 1) has none.
     guided = choices.get("guidance", defaults["guidance"]) != 1.0
@@ -250,7 +271,21 @@ def check_settings(settings: Settings, config: Config) -> None:
         samplers.make_plan(settings.sampler, spacing=settings.spacing, **_model_settings(settings, config))
     except ValueError as error:
         raise GenerationError(str(error)) from None
-    if not classes:
+    if config.kind == "text":
+        _need(
+            settings.labels == (None,) and settings.negative_label is None,
+            "this model is steered by text prompts, not class labels: give --prompt (and --negative-prompt)",
+        )
+        _need(settings.prompts is not None, "this model is steered by text prompts: give at least one prompt")
+        for prompt in (*settings.prompts, settings.negative_prompt or ""):
+            config.tokenizer.encode(prompt)  # an unknown word or a prompt too long: an InputError that says which
+    else:
+        _need(
+            settings.prompts is None and settings.negative_prompt is None,
+            "this model takes class labels, not text prompts: give --label (and --negative-label)"
+            if classes else "this model is unconditional: it takes no prompts",
+        )
+    if not classes and config.kind != "text":
         _need(
             settings.labels == (None,) and settings.negative_label is None,
             "this model is unconditional (trained without labels): give no labels",
@@ -262,9 +297,10 @@ def check_settings(settings: Settings, config: Config) -> None:
             f"label {label} is outside the classes this model was trained on (0 to {classes - 1}); "
             "use none for the null label",
         )
+    negative = "prompt" if settings.negative_prompt is not None else "label"
     _need(
-        settings.negative_label is None or settings.guidance != 1.0,
-        "a negative label acts through guidance: give a guidance scale other than 1",
+        (settings.negative_label is None and settings.negative_prompt is None) or settings.guidance != 1.0,
+        f"a negative {negative} acts through guidance: give a guidance scale other than 1",
     )
     _need(
         settings.guidance_interval is None or settings.guidance != 1.0,
@@ -308,16 +344,17 @@ def initial_noise(settings: Settings, shape) -> jax.Array:
 
 
 def arrangement(settings: Settings):
-    """(noise index, label index) of each image, in grid order, and the grid's number of columns.
+    """(noise index, column index) of each image, in grid order, and the grid's number of columns.
 
-    A grid has one row per seed and one column per label (near-square when
-    there is a single label); an interpolation one row per label, the noise
-    moving along it.
+    A grid has one row per seed and one column per label or prompt
+    (near-square when there is a single one); an interpolation one row per
+    label or prompt, the noise moving along it.
     """
-    noises, labels = np.meshgrid(np.arange(settings.num_noises), np.arange(len(settings.labels)), indexing="ij")
+    columns = len(settings.columns)
+    noises, labels = np.meshgrid(np.arange(settings.num_noises), np.arange(columns), indexing="ij")
     if settings.interpolate:
         return noises.T.ravel(), labels.T.ravel(), settings.interpolate
-    ncols = len(settings.labels) if len(settings.labels) > 1 else math.ceil(math.sqrt(settings.num_noises))
+    ncols = columns if columns > 1 else math.ceil(math.sqrt(settings.num_noises))
     return noises.ravel(), labels.ravel(), ncols
 
 
@@ -328,7 +365,7 @@ class Generation(NamedTuple):
     """What ``generate`` returns, in grid order.
 
     images (n, H, W, C) float32 in the model's range (not clipped); labels the
-    class of each (None: null label); ncols the grid's columns; nfe network
+    class of each (None: null label), or its prompt for a text model; ncols the grid's columns; nfe network
     evaluations per image (a guided call counts once); with ``trajectory``,
     xs (frames, n, H, W, C) the x_t of every frame and x0s (frames - 1, n, ...)
     each step's prediction of x_0.
@@ -354,13 +391,17 @@ def guided_denoiser(model, settings: Settings, config: Config):
     """The model as the samplers' denoiser, with classifier-free guidance (Ho & Salimans 2021) if asked for,
     in the sigma interval of ``settings`` (Kynkäänniemi et al. 2024) if there is one.
 
-    The model goes in as a pytree (``as_denoiser``), and the negative label as an
-    array, so both are arguments of the compiled sampler, not constants.
+    The model goes in as a pytree (``as_denoiser``), and the negative label (or
+    the negative prompt's token ids) as an array, so both are arguments of the
+    compiled sampler, not constants.
     """
     denoiser, _ = as_denoiser(model)
     if settings.guidance == 1.0:
         return denoiser
-    negative = model.num_classes if settings.negative_label is None else settings.negative_label
+    if config.kind == "text":
+        negative = config.tokenizer.encode(settings.negative_prompt or "")
+    else:
+        negative = model.num_classes if settings.negative_label is None else settings.negative_label
     interval = None if settings.guidance_interval is None else guidance_times(settings.guidance_interval, config)
     return guidance.classifier_free_guidance(
         denoiser, settings.guidance, jnp.asarray(negative, jnp.int32), interval=interval
@@ -413,11 +454,15 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
     model = runs.load_model(checkpoint)
 
     denoiser = guided_denoiser(model, settings, config)
-    noise_index, label_index, ncols = arrangement(settings)
-    labels = tuple(settings.labels[i] for i in label_index)
+    noise_index, column_index, ncols = arrangement(settings)
+    labels = tuple(settings.columns[i] for i in column_index)
     x_T = initial_noise(settings, (size, size, channels))[noise_index]
-    null = config.num_classes
-    cond = np.array([null if c is None else c for c in labels], np.int32) if null else None
+    cond = filler = None  # the condition of each image, and of the padding of the last batch
+    if config.kind == "text":
+        cond, filler = config.tokenizer.encode_all(labels), config.tokenizer.empty_ids
+    elif config.num_classes:
+        null = config.num_classes
+        cond, filler = np.array([null if c is None else c for c in labels], np.int32), null
     n = len(labels)
     batch = math.ceil(n / math.ceil(n / settings.batch_size))  # the fewest batches batch_size allows, even in size
     samples, xs, x0s = [], [], []
@@ -427,7 +472,9 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
             keep = len(x_T[part])
             pad = batch - keep  # the last batch is padded, so that one compiled program serves them all
             batch_x_T = jnp.concatenate([x_T[part], jnp.zeros((pad, *x_T.shape[1:]), x_T.dtype)])
-            batch_cond = None if cond is None else np.concatenate([cond[part], np.full(pad, null, np.int32)])
+            batch_cond = None
+            if cond is not None:
+                batch_cond = np.concatenate([cond[part], np.broadcast_to(filler, (pad, *cond.shape[1:]))])
             key = jax.random.fold_in(jax.random.key(settings.seeds[0]), index)
             result = _sample_batch(settings, config, denoiser, batch_x_T, batch_cond, key, x_known, mask)
             samples.append(np.asarray(result.x[:keep]))

@@ -12,11 +12,13 @@ What a checkpoint holds is its **kind**, the ``"kind"`` key of its
 they are denoisers). Each kind in ``KINDS`` says how to read its config and
 rebuild its model, which other runs it depends on (``Reference``: a latent
 model names its autoencoder, a distilled student its teacher, an adapter its
-base, each by path and sha256), and what a sampler needs from it. Today there
-is one kind:
+base, each by path and sha256), and what a sampler needs from it. The kinds:
 
     denoiser   a U-Net that predicts eps / x0 / v (or a flow velocity), in pixel space,
                conditioned on class labels (``num_classes`` > 0) or on nothing
+    text       a text encoder and a U-Net that reads it through cross-attention
+               (``diffusion.text_encoder.TextUNet``), conditioned on prompts; its
+               config (``TextConfig``) holds the tokenizer's vocabulary
 
 ``open_checkpoint(path)`` resolves a run or checkpoint folder once, reads its
 config and hashes its weights; ``load(checkpoint)`` returns the model with its
@@ -27,6 +29,7 @@ denoiser, parameterization and conditioning. Every problem is a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -35,8 +38,9 @@ from flax import nnx
 
 from diffusion import checkpoint
 from diffusion.files import sha256_of
-from diffusion.configs import Config, config_from_dict
+from diffusion.configs import Config, TextConfig, config_from_dict
 from diffusion.errors import CheckpointError, ConfigError
+from diffusion.text_encoder import TextUNet
 from diffusion.unet import UNet, as_denoiser
 
 DEFAULT_RUN = "runs/default"  # what make demo trains and sample.py / evaluate.py read by default
@@ -64,8 +68,8 @@ class Reference(NamedTuple):
 
 
 class Conditioning(NamedTuple):
-    """What a model is conditioned on: ``"label"`` (classes 0 .. num_classes-1, null label num_classes) or
-    ``"none"``."""
+    """What a model is conditioned on: ``"label"`` (classes 0 .. num_classes-1, null label num_classes),
+    ``"text"`` (token ids of prompts, ``diffusion.tokenizer``) or ``"none"``."""
 
     kind: str
     num_classes: int = 0
@@ -86,9 +90,9 @@ class Kind:
     conditioning: Callable[[Any], Conditioning]
 
 
-def make_model(config: Config, rngs: nnx.Rngs) -> UNet:
-    """The U-Net that a denoiser run's ``config`` describes."""
-    return UNet(config.unet, rngs=rngs)
+def make_model(config, rngs: nnx.Rngs) -> nnx.Module:
+    """The model that a run's ``config`` describes (of the config's kind)."""
+    return KINDS[config.kind].make_model(config, rngs)
 
 
 def _label_conditioning(config: Config) -> Conditioning:
@@ -98,11 +102,18 @@ def _label_conditioning(config: Config) -> Conditioning:
 KINDS = {
     "denoiser": Kind(
         config_from_dict=config_from_dict,
-        make_model=make_model,
+        make_model=lambda config, rngs: UNet(config.unet, rngs=rngs),
         references=lambda config: (),  # pixel-space, trained from scratch: it depends on no other run
         conditioning=_label_conditioning,
     ),
+    "text": Kind(
+        config_from_dict=functools.partial(config_from_dict, cls=TextConfig),
+        make_model=lambda config, rngs: TextUNet(config.unet, config.text_encoder, config.vocabulary, rngs=rngs),
+        references=lambda config: (),
+        conditioning=lambda config: Conditioning("text"),
+    ),
 }
+TRAINABLE = ("denoiser", "text")  # the kinds that train.py trains and resumes
 
 
 # --- Checkpoints ----------------------------------------------------------------------
@@ -251,12 +262,12 @@ def resume_config(runs_dir: str = Config.runs_dir, name: str = Config.name, **ov
     The run continues in the folder it is resumed from, even if it was renamed
     or moved since.
     """
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
     last = last_to_resume(Path(runs_dir) / name)
     kind, saved = read_config(last)
-    if kind != Config.kind:
-        raise ConfigError(f"{last} holds a {kind} model, not a {Config.kind}: train.py cannot resume it")
+    if kind not in TRAINABLE:
+        raise ConfigError(f"{last} holds a {kind} model, which train.py does not train: it cannot resume it")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(saved)})
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)} for a {kind} run")
     overrides.pop("resume", None)
     return dataclasses.replace(saved, runs_dir=str(runs_dir), name=name, resume=True, **overrides)

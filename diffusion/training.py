@@ -1,11 +1,15 @@
 """Training: the train state, the compiled train step and the loop.
 
 ``train(config)`` runs the ``diffusion.configs.Config`` of a run (from
-``configs.make_config("tiny" | "cpu" | "gpu", **overrides)``, or
+``configs.make_config("tiny" | "cpu" | "gpu" | "text", **overrides)``, or
 ``runs.resume_config`` to continue one):
 
+- **Conditions.** A class-conditional run is given each digit's label; a text
+  run (``TextConfig``) a caption of each digit, drawn afresh on the host every
+  step (``conditions``, from ``diffusion.captions``) and tokenized.
 - **Step** (``train_step``). Drop labels to the null label with probability
-  ``label_dropout`` (Ho & Salimans 2021), compute the objective of
+  ``label_dropout`` (Ho & Salimans 2021), or prompts to the empty prompt with
+  probability ``prompt_dropout``, compute the objective of
   ``diffusion.losses`` and its gradient, clip the gradient's global norm,
   update with AdamW (Loshchilov & Hutter 2019) under a linear warm-up and
   cosine decay of the learning rate, and update an exponential moving average
@@ -13,7 +17,7 @@
   function of (state, batch), compiled once with ``jax.jit``.
 - **Randomness.** Step k's key is ``fold_in(key, k)``: labels dropped, times,
   noise and dropout depend only on the seed and the step. The k-th batch
-  likewise (``diffusion.data.batches``). That is what lets a resumed run end
+  likewise (``diffusion.data.batches``), and its captions. That is what lets a resumed run end
   bit-identical to an uninterrupted one.
 - **Devices.** The step runs data-parallel over a ``jax.sharding.Mesh`` of all
   devices: each batch is split along its first axis, parameters and optimizer
@@ -55,10 +59,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from diffusion import checkpoint, data, files, guidance, pictures, losses, runs, samplers
+from diffusion import captions, checkpoint, data, files, guidance, pictures, losses, runs, samplers
 from diffusion.configs import Config, check_compatible
 from diffusion.errors import ConfigError
-from diffusion.unet import UNet, as_denoiser
+from diffusion.unet import as_denoiser
 
 
 @jax.tree_util.register_dataclass
@@ -105,6 +109,22 @@ def drop_labels(key, labels, p: float, null_label: int):
     return jnp.where(jax.random.bernoulli(key, p, labels.shape), null_label, labels)
 
 
+def drop_prompts(key, ids, p: float, empty_ids):
+    """Replace each prompt's token ids (B, L) by those of the empty prompt with probability p (prompt dropout,
+    the text form of Ho & Salimans 2021, Algorithm 1)."""
+    return jnp.where(jax.random.bernoulli(key, p, ids.shape[:1])[:, None], jnp.asarray(empty_ids), ids)
+
+
+def conditions(config: Config, rows: np.ndarray, step: int) -> np.ndarray:
+    """What the model is conditioned on for a batch, on the host: its labels (B,), or for a text run the token
+    ids (B, L) of captions drawn afresh for its ``diffusion.captions.digit_table`` rows, from a generator seeded
+    with (seed, step), so that a resumed run draws the same captions."""
+    if config.kind != "text":
+        return rows.astype(np.int32)
+    texts = captions.captions_of(np.random.default_rng([config.seed, step]), rows)
+    return config.tokenizer.encode_all(texts)
+
+
 def ema_decay_at(step, decay: float):
     """The EMA decay at a step: min(decay, (1 + step) / (10 + step)).
 
@@ -129,11 +149,19 @@ def objective(config: Config):
     )
 
 
-def train_step(state: TrainState, x0, labels, *, graphdef, config: Config):
-    """One optimisation step on a batch: returns (new state, metrics). Pure; compiled by ``make_train_step``."""
+def train_step(state: TrainState, x0, cond, *, graphdef, config: Config):
+    """One optimisation step on a batch: returns (new state, metrics). Pure; compiled by ``make_train_step``.
+
+    cond: the batch's labels (B,), or for a text run its prompts' token ids (B, L).
+    """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     key_labels, key_loss, key_dropout = jax.random.split(key, 3)
-    cond = drop_labels(key_labels, labels, config.label_dropout, config.num_classes) if config.num_classes else None
+    if config.kind == "text":
+        cond = drop_prompts(key_labels, cond, config.prompt_dropout, config.tokenizer.empty_ids)
+    elif config.num_classes:
+        cond = drop_labels(key_labels, cond, config.label_dropout, config.num_classes)
+    else:
+        cond = None
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
@@ -241,20 +269,25 @@ def plot_loss(metrics_path: Path, png_path: Path) -> None:
     fig.savefig(png_path, dpi=100)
 
 
-def sample_grid(model: UNet, config: Config, per_class: int = 4) -> np.ndarray:
-    """Samples from ``model`` through ``diffusion.samplers``, one row per class, as a uint8 image (H, W, C).
+def sample_grid(model, config: Config, per_class: int = 4) -> np.ndarray:
+    """Samples from ``model`` through ``diffusion.samplers``, one row per class (per prompt of
+    ``captions.EXAMPLE_PROMPTS`` for a text run), as a uint8 image (H, W, C).
 
     DDIM with trailing spacing (flow Euler for flow models), ``config.sample_steps``
     steps, classifier-free guidance at ``config.sample_guidance``, and the same
     starting noise every time, so grids from different steps are comparable.
     """
-    rows = config.num_classes or 4
-    cond = jnp.repeat(jnp.arange(rows), per_class) if config.num_classes else None
+    if config.kind == "text":
+        rows, negative = len(captions.EXAMPLE_PROMPTS), config.tokenizer.empty_ids
+        cond = jnp.repeat(config.tokenizer.encode_all(captions.EXAMPLE_PROMPTS), per_class, axis=0)
+    else:
+        rows, negative = config.num_classes or 4, config.num_classes
+        cond = jnp.repeat(jnp.arange(rows), per_class) if config.num_classes else None
     shape = (rows * per_class, config.image_size, config.image_size, config.in_channels)
     x_T = jax.random.normal(jax.random.key(config.seed), shape)
     denoiser, kind = as_denoiser(model)
     if cond is not None and config.sample_guidance > 1.0:
-        denoiser = guidance.classifier_free_guidance(denoiser, config.sample_guidance, negative=config.num_classes)
+        denoiser = guidance.classifier_free_guidance(denoiser, config.sample_guidance, negative=negative)
     if kind == "velocity":
         run = dict(sampler="flow_euler")
     else:
@@ -273,7 +306,8 @@ def _save_samples(config: Config, graphdef, state: TrainState) -> None:
 
 
 def load_training_data(config: Config):
-    """The training split of ``config.dataset`` as (uint8 images, labels), checked against the config."""
+    """The training split of ``config.dataset`` as (uint8 images, labels), checked against the config; for a text
+    run the labels are the rows of ``diffusion.captions.digit_table`` (label and attribute bins)."""
     pixels, labels = data.load_dataset(config.dataset, "train")
     shape = data.to_model_range(pixels[:1]).shape[1:]
     if shape != (config.image_size, config.image_size, config.in_channels):
@@ -286,6 +320,10 @@ def load_training_data(config: Config):
         raise ConfigError(
             f"dataset {config.dataset} has labels up to {labels.max()}, but num_classes={config.num_classes}"
         )
+    if config.kind == "text":
+        if config.dataset not in ("mnist-embedded", "mnist"):
+            raise ConfigError(f"text runs caption digits: use dataset mnist-embedded or mnist (got {config.dataset})")
+        return pixels, captions.digit_table(pixels, labels)
     return pixels, labels
 
 
@@ -368,7 +406,7 @@ def train(config: Config, callback=None) -> TrainState:
             x, y = next(batches)
             started = time.perf_counter()
             state, metrics = step_fn(
-                state, put_batch(mesh, data.to_model_range(x)), put_batch(mesh, y.astype(np.int32))
+                state, put_batch(mesh, data.to_model_range(x)), put_batch(mesh, conditions(config, y, done - 1))
             )
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step to finish
             if done > first_step:  # the first step of a session includes compiling: not timed

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 _REPORTS = []
 
@@ -20,6 +21,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(text)
 
 
+def leaves_equal(a, b):
+    """Whether two pytrees hold the same arrays, bit for bit."""
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
 def randomized(model, seed=1):
     """A copy of model with every parameter perturbed (by NumPy, which needs no compiling).
 
@@ -29,3 +38,26 @@ def randomized(model, seed=1):
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(seed)
     return nnx.merge(graphdef, jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), state))
+
+
+@pytest.fixture(scope="module")
+def shared_compilation_cache(tmp_path_factory):
+    """Share compiled train steps between the runs of a test module (they compile to the same program); a module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("shared_compilation_cache")``.
+
+    JAX decides once per process whether to use its persistent cache, so the
+    decision is reset here, and again afterwards.
+    """
+    settings = {
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    previous = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()

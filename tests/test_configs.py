@@ -35,7 +35,8 @@ def test_bad_config_values_fail_with_a_message(change, message):
 
 def test_the_network_settings_are_one_unet_config():
     config = configs.make_config("tiny")
-    assert [f.name for f in dataclasses.fields(UNetConfig)] == list(UNET_FIELDS)
+    assert [f.name for f in dataclasses.fields(UNetConfig) if f.name != "context_dim"] == list(UNET_FIELDS)
+    assert config.unet.context_dim == 0  # a text model's comes from its encoder: see the text config's test
     assert config.unet == UNetConfig(**{name: getattr(config, name) for name in UNET_FIELDS})
     assert config.unet.widths == [8, 16] and config.unet.resolutions == [28, 14]
     with pytest.raises(ConfigError, match="norm_groups=3 does not divide the 8 channels"):
@@ -61,3 +62,27 @@ def test_resuming_needs_the_same_architecture_only():
     configs.check_compatible(saved, dataclasses.replace(saved, steps=40, learning_rate=1e-4, dropout=0.1), "x")
     with pytest.raises(ConfigError, match=r"checkpoint x was trained with channels=8, but the config asks for chann"):
         configs.check_compatible(saved, dataclasses.replace(saved, channels=16), "x")
+
+
+def test_a_text_config_is_a_config_with_a_text_encoder():
+    config = configs.make_config("text-tiny")
+    assert isinstance(config, configs.TextConfig) and config.kind == "text" and config.to_dict()["kind"] == "text"
+    assert config.unet.context_dim == config.text_width == config.text_encoder.width == 8
+    assert config.text_encoder.vocab_size == len(config.vocabulary) and config.num_classes == 0
+    assert config.tokenizer.decode(config.tokenizer.encode("Thin 3")) == "thin three"
+    again = configs.config_from_dict(json.loads(json.dumps(config.to_dict())), configs.TextConfig)
+    assert again == config  # the vocabulary survives JSON as a tuple
+    for change, message in [
+        (dict(num_classes=10), "steered by prompts, not labels"),
+        (dict(prompt_dropout=1.0), r"prompt_dropout must be in \[0, 1\)"),
+        (dict(text_heads=3), "text_heads=3 does not divide text_width=8"),
+        (dict(vocabulary=("a", "b")), "the vocabulary starts with <pad> and <empty>"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            configs.make_config("text-tiny", **change)
+    with pytest.raises(ConfigError, match="unknown config field.s. text_width for preset cpu"):
+        configs.make_config("cpu", text_width=16)
+    with pytest.raises(ConfigError, match="holds a denoiser model, but the config is of a text model"):
+        configs.check_compatible(configs.make_config("tiny"), config, "here")
+    with pytest.raises(ConfigError, match="trained with text_layers=1, but the config asks for text_layers=2"):
+        configs.check_compatible(config, dataclasses.replace(config, text_layers=2), "here")

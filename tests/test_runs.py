@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import leaves_equal
 from diffusion import checkpoint, configs, files, runs, training
 from diffusion.errors import CheckpointError
 
@@ -24,10 +25,6 @@ def random_state(config, seed=0):
     _, template = jax.eval_shape(lambda: training.init_state(config))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda leaf: rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype), template)
-
-
-def leaves_equal(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 @pytest.fixture

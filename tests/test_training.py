@@ -21,41 +21,15 @@ import numpy as np
 import PIL.Image
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
+from conftest import leaves_equal
 from diffusion import checkpoint, configs, data, runs, training
 from diffusion.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """Share compiled train steps between the runs of this module (they compile to the same program).
-
-    JAX decides once per process whether to use its persistent cache, so the
-    decision is reset here, and again afterwards.
-    """
-    settings = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    previous = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
-def leaves_equal(a, b):
-    return all(
-        np.array_equal(np.asarray(x), np.asarray(y))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
+pytestmark = pytest.mark.usefixtures("shared_compilation_cache")
 
 
 def test_loss_decreases_on_a_fixed_batch():
