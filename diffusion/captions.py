@@ -196,6 +196,11 @@ def caption(rng: np.random.Generator, digit: int, bins: dict, held_out: bool = T
     named = {a: b for a, b in bins.items() if b in PHRASES[a] and rng.random() < MENTION_PROBABILITY}
     while held_out and _is_held_out(digit, named):
         del named[list(named)[rng.integers(len(named))]]
+    return phrase(rng, digit, named)
+
+
+def phrase(rng: np.random.Generator, digit: int, named: dict) -> str:
+    """A caption of ``digit`` that names exactly the attribute bins ``named``, in a phrasing drawn from ``rng``."""
     before, after = [], []
     for attribute, bin_name in named.items():
         phrase = PHRASES[attribute][bin_name][rng.integers(len(PHRASES[attribute][bin_name]))]
@@ -222,3 +227,47 @@ def captions_of(rng: np.random.Generator, rows) -> list[str]:
         caption(rng, int(row[0]), {name: BINS[name][b] for name, b in zip(BINS, row[1:])})
         for row in np.asarray(rows)
     ]
+
+
+def evaluation_prompts(rng: np.random.Generator, n: int, held_out: bool = False) -> list[str]:
+    """n prompts to judge a text model with: each a digit and one to three attributes in bins drawn at random
+    (never a ``HELD_OUT`` combination); with ``held_out``, the ``HELD_OUT`` combinations in turn instead."""
+    prompts = []
+    while len(prompts) < n:
+        if held_out:
+            combination = HELD_OUT[len(prompts) % len(HELD_OUT)]
+            prompts.append(phrase(rng, combination.digit, combination.attributes))
+            continue
+        digit, count = int(rng.integers(10)), int(rng.integers(1, len(PHRASES) + 1))
+        attributes = [list(PHRASES)[i] for i in rng.permutation(len(PHRASES))[:count]]
+        named = {a: list(PHRASES[a])[rng.integers(len(PHRASES[a]))] for a in attributes}
+        if not _is_held_out(digit, named):
+            prompts.append(phrase(rng, digit, named))
+    return prompts
+
+
+# --- Reading a prompt back ----------------------------------------------------------------
+
+
+def prompt_meaning(words) -> tuple[int | None, dict]:
+    """What a prompt's words (``Tokenizer.words``) ask for: (digit or None, {attribute: bin name}).
+
+    The inverse of ``caption``: the first digit word, and every phrase of ``PHRASES`` found among the words.
+    """
+    words = list(words)
+    digit = next((DIGIT_WORDS.index(w) for w in words if w in DIGIT_WORDS), None)
+    text = f" {' '.join(words)} "
+    asked = {}
+    for attribute, phrasings in PHRASES.items():
+        for bin_name, phrases in phrasings.items():
+            if any(f" {phrase} " in text for phrase in phrases):
+                asked[attribute] = bin_name
+    return digit, asked
+
+
+def signed_margin(values, digits, attribute: str, bin_name: str, thresholds: dict) -> np.ndarray:
+    """How far each value lies inside ``bin_name`` (> 0) or outside it (< 0): the distance to the nearer cut of
+    the bin, in the attribute's units, with the cuts of each value's digit."""
+    low, high = thresholds[attribute][np.asarray(digits)].T
+    edges = {0: (-np.inf, low), 1: (low, high), 2: (high, np.inf)}[BINS[attribute].index(bin_name)]
+    return np.minimum(values - edges[0], edges[1] - values)

@@ -6,13 +6,20 @@ class, so n / 10 per class); ``evaluate`` generates them and judges them with
 classifier accuracy, classifier FID beside its real-vs-real floor (the score of
 a perfect generator at this n), precision and recall. ``evaluate.py`` and the
 quality benchmarks are thin over these two.
+
+``evaluate_prompts`` judges a text model the same way, and also whether each
+digit has the attributes its prompt asked for: the share of digits whose
+measured thickness, slant or size (``diffusion.captions``, cut where the
+training captions were cut) falls in the bin the prompt names.
 """
 
 from __future__ import annotations
 
 import time
 
-from diffusion import generate, metrics, runs, samplers
+import numpy as np
+
+from diffusion import captions, data, generate, metrics, runs, samplers
 from diffusion.errors import GenerationError
 
 DIGIT_DATASETS = ("mnist-embedded", "mnist")  # what the metrics' classifier knows
@@ -88,3 +95,72 @@ def table(row: dict) -> str:
         f"({row['n'] / row['sampling_s']:.1f} digits/s), metrics {row['metrics_s']:.1f} s"
     )
     return "\n".join([header, "", *(f"{name:16}{ours:>12}{real:>16}" for name, ours, real in rows), "", footer])
+
+
+def attribute_cuts(config) -> dict:
+    """The cuts of ``captions.attribute_thresholds`` on the training digits of ``config.dataset``: where the
+    captions that the model was trained on put their bins."""
+    images, labels = data.load_dataset(config.dataset, "train")
+    return captions.attribute_thresholds(captions.measure(images), labels)
+
+
+def attribute_report(images, digits, asked: list[dict], cuts: dict) -> dict:
+    """Per attribute, over the images whose prompt names it: ``accuracy`` (the share in the bin asked for),
+    ``count``, and ``margin``, the median signed distance into that bin (``captions.signed_margin``).
+
+    images: uint8 digits (N, 28, 28[, 1]); digits: the digit each prompt asked for (its cuts for size).
+    """
+    measured = captions.measure(images)
+    bins = captions.attribute_bins(measured, digits, cuts)
+    report = {}
+    for attribute, names in captions.BINS.items():
+        picks = np.array([i for i, a in enumerate(asked) if attribute in a], np.int64)
+        if not len(picks):
+            continue
+        wanted = np.array([asked[i][attribute] for i in picks])
+        margins = np.empty(len(picks))
+        for name in set(wanted):
+            chosen = picks[wanted == name]
+            margins[wanted == name] = captions.signed_margin(
+                measured[attribute][chosen], digits[chosen], attribute, name, cuts
+            )
+        report[attribute] = {
+            "accuracy": float(np.mean(bins[attribute][picks] == [names.index(w) for w in wanted])),
+            "count": len(picks),
+            "margin": float(np.median(margins)),
+        }
+    return report
+
+
+def evaluate_prompts(checkpoint: runs.Checkpoint, prompts, num_seeds: int = 10, first_seed: int = 0,
+                     cuts: dict | None = None, **choices) -> dict:
+    """Draw every prompt with ``num_seeds`` seeds and judge the digits: digit accuracy and classifier FID as
+    ``evaluate``, and per attribute the share in the bin asked for (``attribute_report``).
+
+    ``choices`` are Settings fields (sampler, steps, guidance, negative_prompt, ...); ``cuts`` those of
+    ``attribute_cuts`` if already computed.
+    """
+    seeds = tuple(range(first_seed, first_seed + num_seeds))
+    settings = generate.default_settings(checkpoint, prompts=tuple(prompts), seeds=seeds, **choices)
+    started = time.perf_counter()
+    generation = generate.generate(settings, checkpoint=checkpoint, progress=True)
+    sampled = time.perf_counter()
+    tokenizer = checkpoint.config.tokenizer
+    meanings = [captions.prompt_meaning(tokenizer.words(p)) for p in generation.labels]
+    digits = np.array([digit for digit, _ in meanings])
+    if any(digit is None for digit, _ in meanings):
+        raise GenerationError("every prompt judged must name a digit (zero to nine)")
+    pixels = data.from_model_range(generation.images)
+    cuts = attribute_cuts(checkpoint.config) if cuts is None else cuts
+    return {
+        "checkpoint": settings.checkpoint,
+        "sampler": settings.sampler,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "guidance_interval": settings.guidance_interval,
+        "negative_prompt": settings.negative_prompt,
+        "prompts": len(settings.prompts),
+        **metrics.evaluate_digits(generation.images, list(digits)),
+        "attributes": attribute_report(pixels, digits, [asked for _, asked in meanings], cuts),
+        "sampling_s": sampled - started,
+    }

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from diffusion import captions
+from diffusion.tokenizer import caption_tokenizer
 
 SUPERSAMPLE = 8  # sub-pixels per pixel side when drawing anti-aliased shapes
 
@@ -119,3 +120,33 @@ def test_held_out_combinations_are_never_named_together():
     assert any("left" in t for t in texts) and any("bold" in t or "thick" in t for t in texts)
     free = [captions.caption(rng, combination.digit, bins, held_out=False) for _ in range(2000)]
     assert any(("bold" in t or "thick" in t) and "left" in t for t in free)
+
+
+def test_a_caption_reads_back_as_what_it_names():
+    words = caption_tokenizer().words
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        digit = int(rng.integers(10))
+        named = {a: list(p)[rng.integers(len(p))] for a, p in captions.PHRASES.items() if rng.random() < 0.6}
+        assert captions.prompt_meaning(words(captions.phrase(rng, digit, named))) == (digit, named)
+    assert captions.prompt_meaning(words("a bold 7, leaning right")) == (7, {"thickness": "bold", "slant": "right"})
+    assert captions.prompt_meaning([]) == (None, {})
+
+
+def test_evaluation_prompts_avoid_the_held_out_combinations_unless_asked():
+    rng = np.random.default_rng(5)
+    seen = captions.evaluation_prompts(rng, 500)
+    held = captions.evaluation_prompts(rng, 6, held_out=True)
+    words = caption_tokenizer().words
+    meanings = [captions.prompt_meaning(words(p)) for p in seen]
+    assert all(1 <= len(asked) <= 3 for _, asked in meanings)
+    assert not any(captions._is_held_out(d, asked) for d, asked in meanings)
+    assert [captions.prompt_meaning(words(p)) for p in held] == [tuple(c) for c in captions.HELD_OUT] * 2
+
+
+def test_signed_margin_is_the_distance_inside_the_bin():
+    cuts = {"slant": np.array([[0.0, 0.3], [0.1, 0.2]])}
+    values, digits = np.array([0.1, -0.2, 0.5, 0.15]), np.array([0, 0, 0, 1])
+    np.testing.assert_allclose(captions.signed_margin(values, digits, "slant", "upright", cuts), [0.1, -0.2, -0.2, 0.05])
+    np.testing.assert_allclose(captions.signed_margin(values, digits, "slant", "left", cuts), [-0.1, 0.2, -0.5, -0.05])
+    np.testing.assert_allclose(captions.signed_margin(values, digits, "slant", "right", cuts), [-0.2, -0.5, 0.2, -0.05])
