@@ -80,7 +80,9 @@ def negative_shift(checkpoint, prompt, negative, attribute, seeds) -> dict:
     """The mean measured ``attribute`` of ``prompt`` with and without ``negative``, on the same seeds."""
     values = []
     for neg in (None, negative):
-        settings = generate.default_settings(checkpoint, prompts=(prompt,), seeds=tuple(range(seeds)), negative_prompt=neg)
+        settings = generate.default_settings(
+            checkpoint, prompts=(prompt,), seeds=tuple(range(seeds)), negative_prompt=neg
+        )
         images = generate.generate(settings, checkpoint=checkpoint).images
         values.append(captions.MEASURES[attribute](data.from_model_range(images)))
     difference = values[1] - values[0]  # paired: the same noise with and without the negative prompt

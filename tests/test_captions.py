@@ -147,6 +147,6 @@ def test_evaluation_prompts_avoid_the_held_out_combinations_unless_asked():
 def test_signed_margin_is_the_distance_inside_the_bin():
     cuts = {"slant": np.array([[0.0, 0.3], [0.1, 0.2]])}
     values, digits = np.array([0.1, -0.2, 0.5, 0.15]), np.array([0, 0, 0, 1])
-    np.testing.assert_allclose(captions.signed_margin(values, digits, "slant", "upright", cuts), [0.1, -0.2, -0.2, 0.05])
-    np.testing.assert_allclose(captions.signed_margin(values, digits, "slant", "left", cuts), [-0.1, 0.2, -0.5, -0.05])
-    np.testing.assert_allclose(captions.signed_margin(values, digits, "slant", "right", cuts), [-0.2, -0.5, 0.2, -0.05])
+    for name, expected in [("upright", [0.1, -0.2, -0.2, 0.05]), ("left", [-0.1, 0.2, -0.5, -0.05]),
+                           ("right", [-0.2, -0.5, 0.2, -0.05])]:
+        np.testing.assert_allclose(captions.signed_margin(values, digits, "slant", name, cuts), expected)
