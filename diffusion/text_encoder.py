@@ -20,17 +20,20 @@ out as keys, so a prompt means the same whatever its padding.
 ``TextUNet`` is the whole model of a text run: ``model(x, t, ids)`` encodes
 the prompts and denoises, so the samplers and guidance see it as any other
 denoiser, its condition being the token ids. Guidance doubles the batch with
-the ids of the empty or the negative prompt.
+the ids of the empty or the negative prompt. ``cross_attention_maps`` shows
+where in the image each word of a prompt is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from diffusion.attention import Context, attend, heads
+from diffusion.attention import Context, CrossAttention, attend, heads
 from diffusion.errors import ConfigError, InputError, check_whole
 from diffusion.tokenizer import EMPTY, PAD_ID
 from diffusion.unet import COMPUTE_DTYPES, UNet, UNetConfig
@@ -119,3 +122,29 @@ class TextUNet(nnx.Module):
         if ids is None:
             ids = jnp.zeros((x.shape[0], self.max_tokens), jnp.int32).at[:, 0].set(self.empty_id)
         return self.unet(x, t, context=self.text_encoder(ids), dropout_key=dropout_key)
+
+
+def cross_attention_maps(model: TextUNet, x, t, ids) -> np.ndarray:
+    """Where the image reads each token: (B, L, H, W), the attention weights of every cross-attention block
+    averaged over its heads, resized to the image's size and averaged over the blocks.
+
+    At every position the weights over the tokens sum to 1 (padding gets 0).
+    One eager call of the model; x (B, H, W, C), t (B,), ids (B, L).
+    """
+    blocks = [node for _, node in nnx.iter_graph(model) if isinstance(node, CrossAttention)]
+    B, H, W, _ = x.shape
+    for block in blocks:
+        block.keep_weights = True
+    try:
+        model(x, t, ids)
+        maps = []
+        for block in blocks:
+            weights = block.weights[...].mean(axis=1)  # (B, positions, L)
+            side = int(round(weights.shape[1] ** 0.5))
+            grid = weights.reshape(B, side, side, -1)
+            maps.append(jax.image.resize(grid, (B, H, W, grid.shape[-1]), "linear"))
+    finally:
+        for block in blocks:
+            block.keep_weights = False
+            del block.weights
+    return np.asarray(jnp.mean(jnp.stack(maps), axis=0)).transpose(0, 3, 1, 2)

@@ -10,7 +10,7 @@ from conftest import randomized
 from diffusion import captions, tokenizer
 from diffusion.attention import Context, CrossAttention, attend
 from diffusion.errors import InputError
-from diffusion.text_encoder import TextEncoder, TextEncoderConfig, TextUNet
+from diffusion.text_encoder import TextEncoder, TextEncoderConfig, TextUNet, cross_attention_maps
 from diffusion.unet import GroupNorm, UNet, UNetConfig
 
 TOKENIZER = tokenizer.caption_tokenizer()
@@ -129,3 +129,17 @@ def test_a_text_unet_reads_its_prompt():
     plain = UNet(unet, rngs=nnx.Rngs(0))
     with pytest.raises(InputError, match="reads no text"):
         plain(x, t, context=model.text_encoder(seven))
+
+
+def test_cross_attention_maps_share_each_position_among_the_real_tokens():
+    unet = UNetConfig(image_size=8, in_channels=1, channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
+                      norm_groups=4, parameterization="v")
+    model = randomized(TextUNet(unet, TextEncoderConfig(len(TOKENIZER.vocabulary), 8, width=16), TOKENIZER.vocabulary,
+                                rngs=nnx.Rngs(0)))
+    ids = TOKENIZER.encode_all(["a bold seven", "thin 3 leaning left"])
+    x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), jnp.array([100.0, 600.0])
+    maps = cross_attention_maps(model, x, t, ids)
+    assert maps.shape == (2, 8, 8, 8)
+    np.testing.assert_allclose(maps.sum(axis=1), 1.0, atol=1e-5)
+    assert not maps[0, 3:].any() and not maps[1, 4:].any() and maps[1, :4].min() > 0  # 3 and 4 real tokens
+    assert all(not hasattr(b, "weights") for _, b in nnx.iter_graph(model) if isinstance(b, CrossAttention))
