@@ -7,7 +7,8 @@ real figures.
 
 ``trained_model()`` never downloads anything: it loads the main job's model
 (``runs/default``, written by ``make demo``) when there is one, and otherwise
-trains what it needs, tiny in fast mode.
+trains what it needs, tiny in fast mode; ``trained_text_model()`` likewise
+for the text model (``runs/text``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,28 @@ def runs_dir() -> Path:
     return here.parent / "runs" if here.name == "notebooks" else here / "runs"
 
 
+def _trained(run_name: str, preset: str, tiny_preset: str, fast: bool):
+    """``runs/<run_name>`` loaded if it has a checkpoint, else a run trained now (see ``trained_model``)."""
+    run_dir = runs_dir() / run_name
+    if checkpoint.latest(runs.checkpoint_dir(run_dir)) is None:
+        if fast:
+            choices = dict(preset=tiny_preset, name=f"notebook-{tiny_preset}", steps=FAST_TRAINING_STEPS, sample_every=0)
+        else:
+            choices = dict(preset=preset, name=run_name)
+        config = configs.make_config(**choices, runs_dir=str(runs_dir()))
+        if checkpoint.latest(runs.checkpoint_dir(config.run_dir)) is None:
+            training.train(config)
+        run_dir = config.run_dir
+    return runs.load(run_dir)
+
+
+def trained_text_model(fast: bool = FAST) -> runs.Loaded:
+    """A text model, loaded (``.model``, ``.config``, ``.checkpoint``): ``runs/text`` (``train.py --preset text
+    --name text``) if it has a checkpoint, else trained now as ``trained_model`` does (``text-tiny`` in fast
+    mode)."""
+    return _trained("text", "text", "text-tiny", fast)
+
+
 def trained_model(fast: bool = FAST):
     """``(model, config)``: the main job's EMA model if ``runs/default`` has a checkpoint, else one trained now.
 
@@ -38,15 +61,5 @@ def trained_model(fast: bool = FAST):
     (``runs/notebook-tiny``); full mode trains the ``cpu`` preset into
     ``runs/default``, exactly as the main job would.
     """
-    run_dir = runs_dir() / "default"
-    if checkpoint.latest(runs.checkpoint_dir(run_dir)) is None:
-        if fast:
-            preset = dict(preset="tiny", name="notebook-tiny", steps=FAST_TRAINING_STEPS, sample_every=0)
-        else:
-            preset = dict(preset="cpu", name="default")
-        config = configs.make_config(**preset, runs_dir=str(runs_dir()))
-        if checkpoint.latest(runs.checkpoint_dir(config.run_dir)) is None:
-            training.train(config)
-        run_dir = config.run_dir
-    loaded = runs.load(run_dir)
+    loaded = _trained("default", "cpu", "tiny", fast)
     return loaded.model, loaded.config
