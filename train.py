@@ -1,9 +1,11 @@
-"""Train a diffusion U-Net: ``python train.py [--preset tiny|cpu|gpu] [--field value ...]``.
+"""Train a diffusion U-Net: ``python train.py [--preset tiny|cpu|gpu|text|text-tiny] [--field value ...]``.
 
 Every field of ``diffusion.configs.Config`` is a flag (``--learning-rate 1e-3``,
-``--channel-mult 1,2,2``, ``--resume``); flags override the preset. Examples:
+``--channel-mult 1,2,2``, ``--resume``), and with a text preset every field of
+``TextConfig`` (``--text-width 64``); flags override the preset. Examples:
 
     python train.py                          # the cpu preset: digits in ~7 minutes on 2 cores
+    python train.py --preset text --name text   # prompts: "a bold seven leaning right", ~11 minutes
     python train.py --preset tiny --name t   # seconds, for a first look
     python train.py --name default --resume  # continue a run from its last checkpoint
     python train.py --preset gpu --dataset fashion-mnist

@@ -64,9 +64,14 @@ def config_from_flags(argv=None, description: str | None = None) -> configs.Conf
         "--preset",
         default="cpu",
         choices=configs.PRESETS,
-        help="starting point (default: cpu); flags override its fields",
+        help="starting point (default: cpu); flags override its fields (a text preset has the text fields too)",
     )
-    for field in dataclasses.fields(configs.Config):
+    first = Parser(add_help=False)  # which fields are flags depends on the preset's kind: read it first
+    first.add_argument("--preset", default="cpu")
+    preset = first.parse_known_args(argv)[0].preset
+    for field in dataclasses.fields(configs.config_class(preset)):
+        if field.name == "vocabulary":  # the tokenizer's words, which the captions' grammar decides
+            continue
         flag, shown = "--" + field.name.replace("_", "-"), field.default
         shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
         kind = (
@@ -74,7 +79,7 @@ def config_from_flags(argv=None, description: str | None = None) -> configs.Conf
             if isinstance(field.default, bool)
             else dict(type=_flag_type(field))
         )
-        parser.add_argument(flag, default=argparse.SUPPRESS, help=f"cpu preset: {shown}", **kind)
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=f"{preset} preset: {shown}", **kind)
     overrides = vars(parser.parse_args(argv))
     preset = overrides.pop("preset")
     if overrides.get("resume"):

@@ -33,6 +33,10 @@ def test_command_line_flags_override_the_preset(tmp_path):
         cli.config_from_flags(["--bogus", "1"])
     with pytest.raises(ConfigError, match="nothing to resume"):
         cli.config_from_flags(["--resume", "--runs-dir", str(tmp_path)])
+    text = cli.config_from_flags(["--preset", "text-tiny", "--text-width", "16", "--prompt-dropout", "0.2"])
+    assert text == configs.make_config("text-tiny", text_width=16, prompt_dropout=0.2)
+    with pytest.raises(UsageError, match="unrecognized arguments: --text-width"):
+        cli.config_from_flags(["--preset", "tiny", "--text-width", "16"])  # a label preset has no text fields
 
 
 def run_main(main, *argv):
