@@ -5,7 +5,7 @@ Every field of ``diffusion.configs.Config`` is a flag (``--learning-rate 1e-3``,
 ``TextConfig`` (``--text-width 64``); flags override the preset. Examples:
 
     python train.py                          # the cpu preset: digits in ~7 minutes on 2 cores
-    python train.py --preset text --name text   # prompts: "a bold seven leaning right", ~11 minutes
+    python train.py --preset text --name text   # prompts: "a bold seven leaning right", ~14 minutes
     python train.py --preset tiny --name t   # seconds, for a first look
     python train.py --name default --resume  # continue a run from its last checkpoint
     python train.py --preset gpu --dataset fashion-mnist

@@ -4,8 +4,8 @@
 
 (``--prompts 4 --seeds 1 --negative-seeds 2`` on a tiny run checks the script in seconds.)
 
-With the settings ``sample.py`` uses by default (DDIM, 25 steps, guidance 1.75
-in sigma [0.28, 5.42]), ``diffusion.evaluation.evaluate_prompts`` draws each
+With the settings ``sample.py`` uses by default for a text model (DDIM, 25
+steps, guidance 3 in sigma [0.28, 5.42]), ``diffusion.evaluation.evaluate_prompts`` draws each
 prompt with every seed and judges the digits:
 
 1. **Seen prompts**: ``--prompts`` prompts from ``captions.evaluation_prompts``
@@ -18,7 +18,7 @@ prompt with every seed and judges the digits:
 2. **Held-out combinations** (``captions.HELD_OUT``), never named together in training.
 3. **Negative prompts**: the measured attribute of "a seven" with and without
    a negative prompt, its mean shift and the standard error of that shift.
-4. **Guidance sweep**: scales 1, 2, 3 and 5.
+4. **Guidance sweep**: scales 1, 1.75 (the label models' default), 2, 3 and 5.
 
 Prints the tables; with ``--out DIR`` writes DIR/prompts.md.
 """
@@ -40,7 +40,7 @@ NEGATIVE_CASES = (  # (prompt, negative prompt, attribute it should move)
     ("a seven", "leaning right", "slant"),
     ("a two", "small", "size"),
 )
-GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 5.0)
+GUIDANCE_SWEEP = (1.0, 1.75, 2.0, 3.0, 5.0)
 
 
 def attribute_columns(row: dict) -> str:
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     lines = [
         "# Text prompts: digits, attributes, held-out combinations, negative prompts",
         "",
-        f"Checkpoint `{checkpoint.path}`; DDIM 25 steps, guidance 1.75 in sigma [0.28, 5.42] unless a row says "
+        f"Checkpoint `{checkpoint.path}`; DDIM 25 steps, guidance 3 in sigma [0.28, 5.42] unless a row says "
         f"otherwise; each prompt drawn with {args.seeds} seeds. Attribute columns: the share of digits whose "
         "measured attribute lies in the bin the prompt asked for (over the prompts that name it), and in brackets "
         "the median signed margin into that bin (pixels for thickness, pixels per pixel for slant, pixels² for "

@@ -61,6 +61,9 @@ MAX_SEED = 2**32 - 1  # jax.random.key wraps larger seeds around: 2**32 would re
 # et al. 2024 (their EDM2 setting), chosen by classifier FID, recall and accuracy (docs/quality.md).
 DEFAULT_GUIDANCE = 1.75
 DEFAULT_GUIDANCE_INTERVAL = (0.28, 5.42)
+# A text model's default, in the same interval: a prompt names attributes as well as a digit, and following them
+# takes a stronger push (scale 3: attributes as asked 77-81 % against 70-74 % at 1.75; docs/prompts.md).
+DEFAULT_TEXT_GUIDANCE = 3.0
 
 
 def _need(ok, message):
@@ -225,7 +228,7 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     Defaults: DDIM (flow Euler for a flow-matching model), 25 steps, seed 0,
     every class of a class-conditional model (the null label otherwise; for a
     text model the prompts ``captions.EXAMPLE_PROMPTS``), and for a conditional
-    model guidance ``DEFAULT_GUIDANCE`` in
+    model guidance ``DEFAULT_GUIDANCE`` (a text model: ``DEFAULT_TEXT_GUIDANCE``) in
     ``DEFAULT_GUIDANCE_INTERVAL``; the sha256 of the
     checkpoint's weights and of the input images.
     """
@@ -243,7 +246,7 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
         # Every class, or the example prompts; none if the other kind of condition is given (check_settings says).
         labels=tuple(range(config.num_classes)) if config.num_classes and "prompts" not in choices else (None,),
         prompts=captions.EXAMPLE_PROMPTS if text and "labels" not in choices else None,
-        guidance=DEFAULT_GUIDANCE if config.num_classes or text else 1.0,
+        guidance=DEFAULT_TEXT_GUIDANCE if text else DEFAULT_GUIDANCE if config.num_classes else 1.0,
     )
     # The default interval goes with guidance; an unguided run (guidance 1) has none.
     guided = choices.get("guidance", defaults["guidance"]) != 1.0

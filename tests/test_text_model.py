@@ -107,7 +107,7 @@ def test_sample_py_draws_a_prompt_and_redraws_it_from_the_png(text_run, tmp_path
     assert _sample(*flags, "--negative-prompt", "leaning right", "--out", first) == 0
     settings = generate.read_settings(first)
     assert settings.prompts == ("a bold 7", "thin three") and settings.negative_prompt == "leaning right"
-    assert settings.labels == (None,) and settings.guidance == generate.DEFAULT_GUIDANCE
+    assert settings.labels == (None,) and settings.guidance == generate.DEFAULT_TEXT_GUIDANCE
     assert _sample("--from-png", first, "--out", again) == 0
     assert first.read_bytes() == again.read_bytes()
     assert np.asarray(PIL.Image.open(first)).shape == (2 * 28 + 2, 2 * 28 + 2)  # two seeds by two prompts
