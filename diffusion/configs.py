@@ -167,42 +167,30 @@ ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "comp
 )
 TEXT_ARCHITECTURE_FIELDS = ("text_width", "text_layers", "text_heads", "max_tokens", "vocabulary")
 
+# For tests and a first look: seconds on a CPU, nothing learned.
+_TINY = dict(
+    channels=8,
+    channel_mult=(1, 2),
+    attention_resolutions=(14,),
+    norm_groups=4,
+    batch_size=16,
+    steps=20,
+    warmup_steps=5,
+    log_every=5,
+    checkpoint_every=10,
+    sample_every=20,
+    sample_steps=2,
+)
+
 PRESETS = {
-    # For tests and a first look: seconds on a CPU, nothing learned.
-    "tiny": dict(
-        channels=8,
-        channel_mult=(1, 2),
-        attention_resolutions=(14,),
-        norm_groups=4,
-        batch_size=16,
-        steps=20,
-        warmup_steps=5,
-        log_every=5,
-        checkpoint_every=10,
-        sample_every=20,
-        sample_steps=2,
-    ),
+    "tiny": _TINY,
     # The default: the Config defaults above.
     "cpu": dict(),
     # Text prompts (TextConfig): digits captioned by their thickness, slant and size, on a laptop CPU:
     # 3,600 steps, 13.6 minutes on 2 cores (docs/prompts.md).
     "text": dict(steps=3600),
     # For tests: a text model of seconds.
-    "text-tiny": dict(
-        channels=8,
-        channel_mult=(1, 2),
-        attention_resolutions=(14,),
-        norm_groups=4,
-        text_width=8,
-        text_layers=1,
-        batch_size=16,
-        steps=20,
-        warmup_steps=5,
-        log_every=5,
-        checkpoint_every=10,
-        sample_every=20,
-        sample_steps=2,
-    ),
+    "text-tiny": dict(_TINY, text_width=8, text_layers=1),
     # A larger model for a GPU, on the full MNIST (or --dataset fashion-mnist); 28 is padded to 32.
     "gpu": dict(
         dataset="mnist",

@@ -1,5 +1,8 @@
 """Shared test plumbing: tables that a test wants shown in the output of every run, pass or fail, and helpers."""
 
+import os
+import signal
+
 import jax
 import numpy as np
 import pytest
@@ -27,6 +30,16 @@ def leaves_equal(a, b):
         np.array_equal(np.asarray(x), np.asarray(y))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
+
+
+def ctrl_c_at(stop: int):
+    """A training callback that sends this process a real SIGINT (Ctrl-C) after step ``stop``."""
+
+    def callback(step, metrics):
+        if step == stop:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return callback
 
 
 def randomized(model, seed=1):

@@ -2,8 +2,6 @@
 prompt and a negative prompt, and what a wrong prompt says."""
 
 import dataclasses
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import PIL.Image
 import pytest
 from flax import nnx
 
-from conftest import leaves_equal
+from conftest import ctrl_c_at, leaves_equal
 from diffusion import checkpoint, configs, generate, guidance, runs, training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,11 +66,7 @@ def test_an_interrupted_text_run_resumes_bit_exactly(text_run, capsys):
     whole_config, whole_state = text_run
     config = dataclasses.replace(whole_config, name="interrupted")
 
-    def press_ctrl_c(step, metrics):
-        if step == 7:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    assert int(training.train(config, callback=press_ctrl_c).step) == 7
+    assert int(training.train(config, callback=ctrl_c_at(7)).step) == 7
     resumed = training.train(runs.resume_config(runs_dir=config.runs_dir, name="interrupted"))
     assert leaves_equal(resumed, whole_state)  # the same captions, dropouts and noise as the uninterrupted run
     assert "interrupted at step 7" in capsys.readouterr().out

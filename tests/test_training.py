@@ -9,7 +9,6 @@ programs.
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ import PIL.Image
 import pytest
 from flax import nnx
 
-from conftest import leaves_equal
+from conftest import ctrl_c_at, leaves_equal
 from diffusion import checkpoint, configs, data, runs, training
 from diffusion.errors import ConfigError
 
@@ -114,11 +113,7 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(finished_run, capsys):
     whole_config, whole_state = finished_run
     config = dataclasses.replace(whole_config, name="interrupted")
 
-    def press_ctrl_c(step, metrics):
-        if step == 7:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    stopped = training.train(config, callback=press_ctrl_c)
+    stopped = training.train(config, callback=ctrl_c_at(7))
     assert int(stopped.step) == 7
     assert [p.name for p in checkpoint.checkpoints(runs.checkpoint_dir(config.run_dir))] == ["step_00000007"]
     assert "interrupted at step 7" in capsys.readouterr().out
