@@ -1,4 +1,4 @@
-"""Train a diffusion U-Net: ``python train.py [--preset tiny|cpu|gpu|text|text-tiny] [--field value ...]``.
+"""Train a diffusion U-Net: ``python train.py [--preset tiny|cpu|gpu|text|text-tiny|text-gpu] [--field value ...]``.
 
 Every field of ``diffusion.configs.Config`` is a flag (``--learning-rate 1e-3``,
 ``--channel-mult 1,2,2``, ``--resume``), and with a text preset every field of

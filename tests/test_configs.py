@@ -65,6 +65,10 @@ def test_resuming_needs_the_same_architecture_only():
 
 
 def test_a_text_config_is_a_config_with_a_text_encoder():
+    for name in ("text", "text-gpu"):
+        assert configs.make_config(name).kind == "text"
+    gpu = configs.make_config("gpu").unet  # the text-gpu U-Net is the gpu one, reading text instead of labels
+    assert configs.make_config("text-gpu").unet == dataclasses.replace(gpu, context_dim=128, num_classes=0)
     config = configs.make_config("text-tiny")
     assert isinstance(config, configs.TextConfig) and config.kind == "text" and config.to_dict()["kind"] == "text"
     assert config.unet.context_dim == config.text_width == config.text_encoder.width == 8
