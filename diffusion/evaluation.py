@@ -29,6 +29,11 @@ def digit_settings(checkpoint: runs.Checkpoint, n: int = 1000, first_seed: int =
     """n digits of ``checkpoint``, seeds counting up from ``first_seed``, each drawn once per class; ``choices``
     (Settings fields: sampler, steps, guidance, ...) over the checkpoint's defaults."""
     config = checkpoint.config
+    if checkpoint.kind == "text":
+        raise GenerationError(
+            "this lays out digits by class; a text model is judged by its prompts: "
+            f"python benchmarks/text_prompts.py --checkpoint {checkpoint.path}"
+        )
     if config.dataset not in DIGIT_DATASETS or (config.image_size, config.in_channels) != (28, 1):
         raise GenerationError(
             f"the metrics judge 28×28 MNIST digits; this checkpoint makes {config.image_size}×{config.image_size}×"

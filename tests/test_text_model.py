@@ -17,6 +17,7 @@ from diffusion import checkpoint, configs, generate, guidance, runs, training
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import evaluate  # noqa: E402
 import sample  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("shared_compilation_cache")
@@ -128,6 +129,13 @@ def test_bad_prompts_are_one_line_errors(text_run, tmp_path, capsys, flags, mess
     assert _sample("--checkpoint", config.run_dir, "--steps", 2, "--out", tmp_path, *flags) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_evaluate_py_points_a_text_model_to_its_benchmark(text_run, capsys):
+    config, _ = text_run
+    assert evaluate.main(["--checkpoint", str(config.run_dir), "--n", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "a text model is judged by its prompts: python benchmarks/text_prompts.py" in err and err.count("\n") == 1
 
 
 def test_a_label_model_refuses_a_prompt(tmp_path, capsys):
