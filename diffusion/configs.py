@@ -134,6 +134,11 @@ class TextConfig(Config):
         super().__post_init__()
         if self.num_classes:
             raise ConfigError("a text model is steered by prompts, not labels: leave num_classes at 0")
+        if self.dataset not in data.DIGIT_DATASETS:
+            raise ConfigError(
+                f"a text run captions handwritten digits: use dataset {' or '.join(data.DIGIT_DATASETS)} "
+                f"(got {self.dataset})"
+            )
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ConfigError(f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout}); 0.1 is usual")
         if self.vocabulary[:2] != (tokenizer.PAD, tokenizer.EMPTY):

@@ -40,6 +40,7 @@ import numpy as np
 from diffusion.errors import DataError, InputError
 
 DATASET_NAMES = ("mnist-embedded", "mnist", "fashion-mnist")
+DIGIT_DATASETS = ("mnist-embedded", "mnist")  # the handwritten digits: what captions and the metrics' classifier know
 SPLITS = ("train", "test")
 
 NUM_CLASSES = 10

@@ -22,7 +22,6 @@ import numpy as np
 from diffusion import captions, data, generate, metrics, runs, samplers
 from diffusion.errors import GenerationError
 
-DIGIT_DATASETS = ("mnist-embedded", "mnist")  # what the metrics' classifier knows
 
 
 def digit_settings(checkpoint: runs.Checkpoint, n: int = 1000, first_seed: int = 0, **choices) -> generate.Settings:
@@ -34,7 +33,7 @@ def digit_settings(checkpoint: runs.Checkpoint, n: int = 1000, first_seed: int =
             "this lays out digits by class; a text model is judged by its prompts: "
             f"python benchmarks/text_prompts.py --checkpoint {checkpoint.path}"
         )
-    if config.dataset not in DIGIT_DATASETS or (config.image_size, config.in_channels) != (28, 1):
+    if config.dataset not in data.DIGIT_DATASETS or (config.image_size, config.in_channels) != (28, 1):
         raise GenerationError(
             f"the metrics judge 28×28 MNIST digits; this checkpoint makes {config.image_size}×{config.image_size}×"
             f"{config.in_channels} images of {config.dataset}"

@@ -289,12 +289,12 @@ def check_settings(settings: Settings, config: Config) -> None:
             "this model takes class labels, not text prompts: give --label (and --negative-label)"
             if classes else "this model is unconditional: it takes no prompts",
         )
-    if not classes and config.kind != "text":
-        _need(
-            settings.labels == (None,) and settings.negative_label is None,
-            "this model is unconditional (trained without labels): give no labels",
-        )
-        _need(settings.guidance == 1.0, "classifier-free guidance needs a class-conditional model: use guidance 1")
+        if not classes:
+            _need(
+                settings.labels == (None,) and settings.negative_label is None,
+                "this model is unconditional (trained without labels): give no labels",
+            )
+            _need(settings.guidance == 1.0, "classifier-free guidance needs a class-conditional model: use guidance 1")
     for label in (*settings.labels, settings.negative_label):
         _need(
             label is None or label < classes,

@@ -37,7 +37,8 @@ def _trained(run_name: str, preset: str, tiny_preset: str, fast: bool):
     run_dir = runs_dir() / run_name
     if checkpoint.latest(runs.checkpoint_dir(run_dir)) is None:
         if fast:
-            choices = dict(preset=tiny_preset, name=f"notebook-{tiny_preset}", steps=FAST_TRAINING_STEPS, sample_every=0)
+            name, steps = f"notebook-{tiny_preset}", FAST_TRAINING_STEPS
+            choices = dict(preset=tiny_preset, name=name, steps=steps, sample_every=0)
         else:
             choices = dict(preset=preset, name=run_name)
         config = configs.make_config(**choices, runs_dir=str(runs_dir()))

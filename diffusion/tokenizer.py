@@ -21,6 +21,7 @@ than all padding so that attention always has a key to attend to.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from typing import NamedTuple
 
@@ -41,6 +42,12 @@ def caption_words() -> tuple[str, ...]:
         for phrases in phrasings.values():
             words.update(word for phrase in phrases for word in phrase.split())
     return tuple(sorted(words))
+
+
+@functools.cache
+def _index(vocabulary: tuple[str, ...]) -> dict[str, int]:
+    """{word: id}, built once per vocabulary (encoding runs for every caption of every training step)."""
+    return {word: i for i, word in enumerate(vocabulary)}
 
 
 class Tokenizer(NamedTuple):
@@ -64,7 +71,7 @@ class Tokenizer(NamedTuple):
     def encode(self, prompt: str) -> np.ndarray:
         """The prompt as ``max_tokens`` int32 ids, padded with 0; "" is ``<empty>``."""
         words = self.words(prompt) or [EMPTY]
-        index = {word: i for i, word in enumerate(self.vocabulary)}
+        index = _index(self.vocabulary)
         for word in words:
             if word not in index:
                 known = [w for w in self.vocabulary if w not in (PAD, EMPTY)]

@@ -321,8 +321,6 @@ def load_training_data(config: Config):
             f"dataset {config.dataset} has labels up to {labels.max()}, but num_classes={config.num_classes}"
         )
     if config.kind == "text":
-        if config.dataset not in ("mnist-embedded", "mnist"):
-            raise ConfigError(f"text runs caption digits: use dataset mnist-embedded or mnist (got {config.dataset})")
         return pixels, captions.digit_table(pixels, labels)
     return pixels, labels
 

@@ -150,3 +150,19 @@ def test_signed_margin_is_the_distance_inside_the_bin():
     for name, expected in [("upright", [0.1, -0.2, -0.2, 0.05]), ("left", [-0.1, 0.2, -0.5, -0.05]),
                            ("right", [-0.2, -0.5, 0.2, -0.05])]:
         np.testing.assert_allclose(captions.signed_margin(values, digits, "slant", name, cuts), expected)
+
+
+def test_attribute_report_scores_real_digits_by_their_own_bins_and_against_the_others():
+    """Asked for the bins they are in, real digits score 100 % with margins >= 0; asked for another bin, 0 %."""
+    from diffusion import data, evaluation
+
+    images, labels = data.load_dataset("mnist-embedded", "train")
+    cuts = captions.attribute_thresholds(captions.measure(images), labels)
+    bins = captions.attribute_bins(captions.measure(images[:300]), labels[:300], cuts)
+    own = [{a: captions.BINS[a][bins[a][i]] for a in ("thickness", "slant")} for i in range(300)]
+    other = [{a: captions.BINS[a][(bins[a][i] + 1) % 3] for a in ("thickness", "slant")} for i in range(300)]
+    right = evaluation.attribute_report(images[:300], labels[:300], own, cuts)
+    wrong = evaluation.attribute_report(images[:300], labels[:300], other, cuts)
+    assert set(right) == {"thickness", "slant"} and right["slant"]["count"] == 300
+    assert all(r["accuracy"] == 1.0 and r["margin"] >= 0 for r in right.values())
+    assert all(r["accuracy"] == 0.0 and r["margin"] < 0 for r in wrong.values())

@@ -81,6 +81,7 @@ def test_a_text_config_is_a_config_with_a_text_encoder():
         (dict(prompt_dropout=1.0), r"prompt_dropout must be in \[0, 1\)"),
         (dict(text_heads=3), "text_heads=3 does not divide text_width=8"),
         (dict(vocabulary=("a", "b")), "the vocabulary starts with <pad> and <empty>"),
+        (dict(dataset="fashion-mnist"), "a text run captions handwritten digits: use dataset mnist-embedded or mnist"),
     ]:
         with pytest.raises(ConfigError, match=message):
             configs.make_config("text-tiny", **change)
