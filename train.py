@@ -1,11 +1,16 @@
-"""Train a diffusion U-Net: ``python train.py [--preset tiny|cpu|gpu|text|text-tiny|text-gpu] [--field value ...]``.
+"""Train a model: ``python train.py [--preset NAME] [--field value ...]`` (the presets: ``diffusion.configs.PRESETS``).
 
-Every field of ``diffusion.configs.Config`` is a flag (``--learning-rate 1e-3``,
-``--channel-mult 1,2,2``, ``--resume``), and with a text preset every field of
-``TextConfig`` (``--text-width 64``); flags override the preset. Examples:
+Every field of the preset's config is a flag (``--learning-rate 1e-3``,
+``--channel-mult 1,2,2``, ``--resume``): ``diffusion.configs.Config``, and
+with a text preset ``TextConfig`` (``--text-width 64``), with an autoencoder
+preset ``AutoencoderRunConfig`` (``--kl-weight 1e-6``), with a latent preset
+``LatentConfig`` (``--autoencoder runs/autoencoder``); flags override the
+preset. Examples:
 
     python train.py                          # the cpu preset: digits in ~7 minutes on 2 cores
     python train.py --preset text --name text   # prompts: "a bold seven leaning right", ~14 minutes
+    python train.py --preset autoencoder     # 28×28 digits to 7×7×4 latents, into runs/autoencoder
+    python train.py --preset latent --autoencoder runs/autoencoder   # diffusion on its latents, into runs/latent
     python train.py --preset tiny --name t   # seconds, for a first look
     python train.py --name default --resume  # continue a run from its last checkpoint
     python train.py --preset gpu --dataset fashion-mnist

@@ -55,22 +55,24 @@ def _flag_type(field):
     return type(default)
 
 
-def config_from_flags(argv=None, description: str | None = None) -> configs.Config:
-    """The Config a ``train.py`` command line asks for: ``--preset`` and then every Config field as a flag
-    (``--learning-rate 1e-3``, ``--channel-mult 1,2,2``); with ``--resume`` the run's saved config instead of
-    the preset (``runs.resume_config``)."""
+def config_from_flags(argv=None, description: str | None = None) -> configs.RunConfig:
+    """The config a ``train.py`` command line asks for: ``--preset`` and then every field of the preset's config
+    class as a flag (``--learning-rate 1e-3``, ``--channel-mult 1,2,2``; ``runs.start_config``); with
+    ``--resume`` the run's saved config instead of the preset (``runs.resume_config``)."""
     parser = Parser(description=description)
     parser.add_argument(
         "--preset",
         default="cpu",
         choices=configs.PRESETS,
-        help="starting point (default: cpu); flags override its fields (a text preset has the text fields too)",
+        help="starting point (default: cpu); flags override its fields (each kind of preset has its own: "
+        "text, autoencoder, latent)",
     )
     first = Parser(add_help=False)  # which fields are flags depends on the preset's kind: read it first
     first.add_argument("--preset", default="cpu")
     preset = first.parse_known_args(argv)[0].preset
-    for field in dataclasses.fields(configs.config_class(preset)):
-        if field.name == "vocabulary":  # the tokenizer's words, which the captions' grammar decides
+    cls = configs.config_class(preset)
+    for field in dataclasses.fields(cls):
+        if field.name in cls.NOT_FLAGS:  # e.g. the tokenizer's words, which the captions' grammar decides
             continue
         flag, shown = "--" + field.name.replace("_", "-"), field.default
         shown = ",".join(map(str, shown)) if isinstance(shown, tuple) else shown
@@ -84,7 +86,7 @@ def config_from_flags(argv=None, description: str | None = None) -> configs.Conf
     preset = overrides.pop("preset")
     if overrides.get("resume"):
         return runs.resume_config(**overrides)
-    return configs.make_config(preset, **overrides)
+    return runs.start_config(preset, **overrides)
 
 
 # --- sample.py and evaluate.py --------------------------------------------------------------

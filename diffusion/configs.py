@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from diffusion import data, tokenizer
+from diffusion.autoencoder import RECONSTRUCTION_LOSSES, AutoencoderConfig
 from diffusion.errors import ConfigError, check_whole
 from diffusion.schedules import BETA_SCHEDULES, Schedule
 from diffusion.text_encoder import TextEncoderConfig
@@ -29,15 +30,15 @@ from diffusion.unet import UNET_FIELDS, UNetConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of a training run; each field is also a flag of ``train.py`` (``--learning-rate 1e-3``).
+class RunConfig:
+    """The settings every kind of training run has: its folder, its data, the optimisation and what it writes.
 
-    The defaults are the ``cpu`` preset: class-conditional digits from the
-    embedded MNIST on a laptop CPU. Invalid values raise a ConfigError on
-    construction.
+    Each kind of run adds its model's fields: ``Config`` (a denoising U-Net),
+    ``TextConfig``, ``AutoencoderRunConfig``, ``LatentConfig``.
     """
 
-    kind: ClassVar[str] = "denoiser"  # what the run's checkpoints hold (see diffusion.runs)
+    kind: ClassVar[str] = ""  # what the run's checkpoints hold (see diffusion.runs)
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ()  # fields train.py does not offer as flags (derived, or pinned)
 
     # Run
     name: str = "default"  # the run folder is <runs_dir>/<name>
@@ -48,6 +49,46 @@ class Config:
     dataset: str = "mnist-embedded"  # see diffusion.data.DATASET_NAMES
     image_size: int = 28
     in_channels: int = 1
+    # Optimisation
+    batch_size: int = 64
+    steps: int = 1800
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # maximum global gradient norm
+    ema_decay: float = 0.995  # an average over the last ~1 / (1 - decay) = 200 steps
+    compute_dtype: str = "float32"  # bfloat16: faster matmuls and convolutions on accelerators
+    devices: int = 0  # how many local devices to use; 0 = all
+    distributed: bool = False  # call jax.distributed.initialize() first (multi-host runs)
+    # Output
+    log_every: int = 50
+    checkpoint_every: int = 400
+    keep_checkpoints: int = 3
+    sample_every: int = 400  # a grid of samples from the EMA model every this many steps (and at the end); 0 = never
+
+    def __post_init__(self):
+        _validate_run(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict:
+        """The settings as saved in ``config.json``: the kind, then every field."""
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(RunConfig):
+    """A denoising U-Net's training run; each field is also a flag of ``train.py`` (``--learning-rate 1e-3``).
+
+    The defaults are the ``cpu`` preset: class-conditional digits from the
+    embedded MNIST on a laptop CPU. Invalid values raise a ConfigError on
+    construction.
+    """
+
+    kind: ClassVar[str] = "denoiser"
+
     num_classes: int = 10  # 0 trains an unconditional model
     # Network (diffusion.unet.UNetConfig)
     channels: int = 16
@@ -66,28 +107,14 @@ class Config:
     flow_logit_mean: float = 0.0
     flow_logit_std: float = 1.0
     label_dropout: float = 0.1
-    # Optimisation
-    batch_size: int = 64
-    steps: int = 1800
-    learning_rate: float = 3e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # maximum global gradient norm
-    ema_decay: float = 0.995  # an average over the last ~1 / (1 - decay) = 200 steps
-    compute_dtype: str = "float32"  # bfloat16: faster matmuls and convolutions on accelerators
-    devices: int = 0  # how many local devices to use; 0 = all
-    distributed: bool = False  # call jax.distributed.initialize() first (multi-host runs)
-    # Output
-    log_every: int = 50
-    checkpoint_every: int = 400
-    keep_checkpoints: int = 3
-    sample_every: int = 400  # a grid of samples from the EMA model every this many steps (and at the end); 0 = never
+    # Sample grids
     sample_steps: int = 25  # DDIM (trailing spacing) or flow Euler steps for the grid
     sample_guidance: float = 3.0  # classifier-free guidance scale for the grid; 1 = none
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions"):  # lists from JSON or code become tuples
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        super().__post_init__()
         _validate(self)
 
     @property
@@ -99,14 +126,6 @@ class Config:
     def noise_schedule(self) -> Schedule:
         """The schedule of the forward process this run trains on (unused by flow models)."""
         return Schedule(self.schedule, self.num_timesteps, zero_terminal_snr=self.zero_terminal_snr)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
-
-    def to_dict(self) -> dict:
-        """The settings as saved in ``config.json``: the kind, then every field."""
-        return {"kind": self.kind, **dataclasses.asdict(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +139,7 @@ class TextConfig(Config):
     """
 
     kind: ClassVar[str] = "text"
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("vocabulary",)  # the tokenizer's words, which the captions' grammar decides
 
     num_classes: int = 0
     text_width: int = 32  # the encoder's width, and the tokens' width that cross-attention reads
@@ -163,6 +183,80 @@ class TextConfig(Config):
         return tokenizer.Tokenizer(self.vocabulary, self.max_tokens)
 
 
+# The AutoencoderConfig fields, each of which an autoencoder run has a field of that name for.
+AUTOENCODER_FIELDS = tuple(f.name for f in dataclasses.fields(AutoencoderConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderRunConfig(RunConfig):
+    """An autoencoder's training run (``diffusion.autoencoder``): the fields of ``RunConfig`` and the network's.
+
+    Its checkpoints also record the scale factor of its latents
+    (``latent_scale`` in meta.json), which a latent run pins.
+    """
+
+    kind: ClassVar[str] = "autoencoder"
+    num_classes: ClassVar[int] = 0  # it is not conditioned
+
+    latent_channels: int = 4
+    channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # 3 levels: the latent's side is the image's / 4
+    num_res_blocks: int = 1
+    norm_groups: int = 8
+    kl_weight: float = 1e-6  # of the KL term against the reconstruction term, both summed over an image (as LDM's)
+    reconstruction: str = "l1"  # l1 or l2 (diffusion.autoencoder.RECONSTRUCTION_LOSSES)
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        super().__post_init__()
+        self.autoencoder  # the network's own checks (a ConfigError)
+        _need(self.kl_weight >= 0, f"kl_weight must be >= 0 (got {self.kl_weight}); 1e-6 is LDM's")
+        _need(
+            self.reconstruction in RECONSTRUCTION_LOSSES,
+            f"reconstruction must be one of {', '.join(RECONSTRUCTION_LOSSES)} (got {self.reconstruction!r})",
+        )
+
+    @property
+    def autoencoder(self) -> AutoencoderConfig:
+        """The network this run trains."""
+        return AutoencoderConfig(**{name: getattr(self, name) for name in AUTOENCODER_FIELDS})
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentConfig(Config):
+    """A denoiser trained in the latent space of an autoencoder run (``diffusion.latent``).
+
+    ``image_size`` and ``in_channels`` remain those of the images; the U-Net
+    runs on the latent grid, ``latent_shape``. The autoencoder is pinned when
+    the run starts (``diffusion.runs.start_config``): the sha256 of its
+    weights, its latent shape and its scale factor are copied into this
+    config, so that a changed autoencoder is noticed, not silently used.
+    """
+
+    kind: ClassVar[str] = "latent"
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("autoencoder_sha256", "latent_scale", "latent_shape")
+
+    autoencoder: str = "runs/autoencoder"  # the autoencoder's run folder (or one of its checkpoint folders)
+    autoencoder_sha256: str = ""  # pinned: the sha256 of its weights
+    latent_scale: float = 0.0  # pinned: multiplies the latents before diffusion (1 / their standard deviation)
+    latent_shape: tuple[int, ...] = ()  # pinned: (h, w, c) of an image's latent
+
+    def __post_init__(self):
+        object.__setattr__(self, "latent_shape", tuple(self.latent_shape))
+        _need(
+            bool(self.autoencoder_sha256) and self.latent_scale > 0 and len(self.latent_shape) == 3,
+            "a latent run needs its autoencoder pinned: start it with train.py --preset latent --autoencoder RUN "
+            "(diffusion.runs.start_config)",
+        )
+        super().__post_init__()
+
+    @property
+    def unet(self) -> UNetConfig:
+        """The network this run trains: on latents of shape ``latent_shape``."""
+        h, _, c = self.latent_shape
+        return UNetConfig(**{**{name: getattr(self, name) for name in UNET_FIELDS}, "image_size": h, "in_channels": c})
+
+
 # The settings that decide what the network computes: a checkpoint can only be
 # resumed with the same values.
 ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "compute_dtype")) + (
@@ -170,20 +264,22 @@ ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "comp
     "num_timesteps",
     "zero_terminal_snr",
 )
-TEXT_ARCHITECTURE_FIELDS = ("text_width", "text_layers", "text_heads", "max_tokens", "vocabulary")
+# Those of each kind of run beyond a denoiser's.
+KIND_ARCHITECTURE_FIELDS = {
+    "denoiser": ARCHITECTURE_FIELDS,
+    "text": ARCHITECTURE_FIELDS + ("text_width", "text_layers", "text_heads", "max_tokens", "vocabulary"),
+    "latent": ARCHITECTURE_FIELDS + ("autoencoder_sha256", "latent_scale", "latent_shape"),
+    "autoencoder": tuple(f for f in AUTOENCODER_FIELDS if f != "compute_dtype"),
+}
 
 # For tests and a first look: seconds on a CPU, nothing learned.
+_RUN_TINY = dict(batch_size=16, steps=20, warmup_steps=5, log_every=5, checkpoint_every=10, sample_every=20)
 _TINY = dict(
+    _RUN_TINY,
     channels=8,
     channel_mult=(1, 2),
     attention_resolutions=(14,),
     norm_groups=4,
-    batch_size=16,
-    steps=20,
-    warmup_steps=5,
-    log_every=5,
-    checkpoint_every=10,
-    sample_every=20,
     sample_steps=2,
 )
 
@@ -220,74 +316,94 @@ PRESETS = {
     "gpu": _GPU,
     # Text prompts on a GPU: the gpu U-Net with a 4-layer text encoder of width 128, on the full MNIST.
     "text-gpu": dict(_GPU, text_width=128, text_layers=4, text_heads=4),
+    # The autoencoder of latent diffusion (AutoencoderRunConfig): 28×28×1 digits to 7×7×4 latents.
+    "autoencoder": dict(
+        name="autoencoder", channels=16, channel_mult=(1, 2, 4), steps=600, warmup_steps=50, checkpoint_every=200,
+        sample_every=200,
+    ),
+    "autoencoder-tiny": dict(_RUN_TINY, channels=8, channel_mult=(1, 2, 2), norm_groups=4),
+    # Latent diffusion (LatentConfig): the U-Net on the 7×7×4 latents of --autoencoder (8×8 padded, then 4×4).
+    "latent": dict(name="latent", channels=32, channel_mult=(1, 2), attention_resolutions=(4,)),
+    "latent-tiny": dict(_TINY, channel_mult=(1, 2), attention_resolutions=(4,)),
 }
 
 
-def _validate(c: Config):
+def _need(ok, message):
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate_run(c: RunConfig):
     """Raise a ConfigError naming the setting to change, before anything is loaded or compiled."""
-
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
-
-    for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_timesteps"):
+    for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         check_whole(name, getattr(c, name), 1, ConfigError)
-    check_whole("sample_steps", c.sample_steps, 1, ConfigError)
     for name in ("seed", "warmup_steps", "devices", "sample_every"):
         check_whole(name, getattr(c, name), 0, ConfigError)
-    need(
+    _need(
         bool(c.name) and "/" not in c.name and c.name not in (".", ".."),
         f"name must be a plain folder name (got {c.name!r})",
     )
-    need(
+    _need(
         c.dataset in data.DATASET_NAMES, f"unknown dataset {c.dataset!r}; choose one of {', '.join(data.DATASET_NAMES)}"
     )
+    _need(
+        c.learning_rate > 0 and math.isfinite(c.learning_rate),
+        f"learning_rate must be a positive number (got {c.learning_rate})",
+    )
+    _need(c.warmup_steps < c.steps, f"warmup_steps ({c.warmup_steps}) must be fewer than steps ({c.steps})")
+    _need(c.weight_decay >= 0, f"weight_decay must be >= 0 (got {c.weight_decay})")
+    _need(c.grad_clip > 0, f"grad_clip must be > 0 (got {c.grad_clip}); use inf for no clipping")
+    _need(0.0 <= c.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {c.ema_decay}); 0.999 is usual")
+    _need(
+        not (c.distributed and c.devices),
+        "with distributed=True every device of every host is used; leave devices at 0",
+    )
+
+
+def _validate(c: Config):
+    """The checks of a denoiser's own fields (after ``_validate_run``'s)."""
+    check_whole("num_timesteps", c.num_timesteps, 1, ConfigError)
+    check_whole("sample_steps", c.sample_steps, 1, ConfigError)
     c.unet  # the network's own checks (a ConfigError)
-    need(c.schedule in BETA_SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
-    need(
+    _need(c.schedule in BETA_SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+    _need(
         not (c.zero_terminal_snr and c.parameterization == "eps"),
         "zero_terminal_snr needs parameterization v or x0: at zero SNR an eps prediction says nothing about x0 "
         "(Lin et al. 2023, Sec. 3.2)",
     )
-    need(
+    _need(
         c.min_snr_gamma >= 0,
         f"min_snr_gamma must be >= 0 (got {c.min_snr_gamma}); 0 turns the weighting off, 5 is usual",
     )
-    need(
+    _need(
         not (c.min_snr_gamma and c.parameterization == "velocity"),
         "min_snr_gamma applies to eps, x0 and v on a schedule, not to flow matching; set --min-snr-gamma 0",
     )
-    need(c.flow_logit_std > 0, f"flow_logit_std must be > 0 (got {c.flow_logit_std})")
-    need(0.0 <= c.label_dropout < 1.0, f"label_dropout must be in [0, 1) (got {c.label_dropout}); 0.1 is usual")
-    need(
-        c.learning_rate > 0 and math.isfinite(c.learning_rate),
-        f"learning_rate must be a positive number (got {c.learning_rate})",
-    )
-    need(c.warmup_steps < c.steps, f"warmup_steps ({c.warmup_steps}) must be fewer than steps ({c.steps})")
-    need(c.weight_decay >= 0, f"weight_decay must be >= 0 (got {c.weight_decay})")
-    need(c.grad_clip > 0, f"grad_clip must be > 0 (got {c.grad_clip}); use inf for no clipping")
-    need(0.0 <= c.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {c.ema_decay}); 0.999 is usual")
-    need(
-        not (c.distributed and c.devices),
-        "with distributed=True every device of every host is used; leave devices at 0",
-    )
-    need(
+    _need(c.flow_logit_std > 0, f"flow_logit_std must be > 0 (got {c.flow_logit_std})")
+    _need(0.0 <= c.label_dropout < 1.0, f"label_dropout must be in [0, 1) (got {c.label_dropout}); 0.1 is usual")
+    _need(
         c.sample_steps <= c.num_timesteps,
         f"sample_steps ({c.sample_steps}) must be at most num_timesteps ({c.num_timesteps})",
     )
-    need(c.sample_guidance >= 1.0, f"sample_guidance must be >= 1 (got {c.sample_guidance}); 1 means no guidance")
+    _need(c.sample_guidance >= 1.0, f"sample_guidance must be >= 1 (got {c.sample_guidance}); 1 means no guidance")
 
 
-def config_class(preset: str) -> type[Config]:
-    """The class of a preset's config: ``TextConfig`` for the text presets, ``Config`` for the others."""
-    return TextConfig if preset.startswith("text") else Config
+def config_class(preset: str) -> type[RunConfig]:
+    """The class of a preset's config, from its name: ``TextConfig`` for text*, ``AutoencoderRunConfig`` for
+    autoencoder*, ``LatentConfig`` for latent*, ``Config`` for the others."""
+    for prefix, cls in (("text", TextConfig), ("autoencoder", AutoencoderRunConfig), ("latent", LatentConfig)):
+        if preset.startswith(prefix):
+            return cls
+    return Config
 
 
 def make_config(preset: str = "cpu", **overrides) -> Config:
-    """The named preset ("tiny", "cpu", "gpu", "text", "text-tiny", "text-gpu") with ``overrides`` applied.
+    """The named preset (one of ``PRESETS``) with ``overrides`` applied.
 
-    With ``resume=True`` use ``diffusion.runs.resume_config`` instead, which
-    starts from the configuration saved in the run's last checkpoint.
+    A latent run also needs its autoencoder pinned: start one with
+    ``diffusion.runs.start_config``. With ``resume=True`` use
+    ``diffusion.runs.resume_config`` instead, which starts from the
+    configuration saved in the run's last checkpoint.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -309,7 +425,7 @@ def check_compatible(saved: Config, config: Config, where) -> None:
     """Raise a ConfigError naming the first architecture field in which a saved config differs from ``config``."""
     if saved.kind != config.kind:
         raise ConfigError(f"checkpoint {where} holds a {saved.kind} model, but the config is of a {config.kind} model")
-    for field in ARCHITECTURE_FIELDS + (TEXT_ARCHITECTURE_FIELDS if config.kind == "text" else ()):
+    for field in KIND_ARCHITECTURE_FIELDS[config.kind]:
         if getattr(saved, field) != getattr(config, field):
             raise ConfigError(
                 f"checkpoint {where} was trained with {field}={getattr(saved, field)!r}, "

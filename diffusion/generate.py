@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion import captions, editing, files, guidance, pictures, noise, runs, samplers
+from diffusion import captions, editing, files, guidance, latent, pictures, noise, runs, samplers
 from diffusion.configs import Config
 from diffusion.errors import GenerationError, is_whole
 from diffusion.schedules import timestep_at
@@ -233,6 +233,7 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     ``DEFAULT_GUIDANCE_INTERVAL``; the sha256 of the
     checkpoint's weights and of the input images.
     """
+    runs.check_generative(checkpoint)
     config = checkpoint.config
     for name in ("init_image", "mask"):
         if choices.get(name) is not None:
@@ -372,7 +373,8 @@ class Generation(NamedTuple):
     class of each (None: null label), or its prompt for a text model; ncols the grid's columns; nfe network
     evaluations per image (a guided call counts once); with ``trajectory``,
     xs (frames, n, H, W, C) the x_t of every frame and x0s (frames - 1, n, ...)
-    each step's prediction of x_0.
+    each step's prediction of x_0, for a latent model both decoded, and latents
+    (frames, n, h, w, c) the x_t themselves.
     """
 
     images: np.ndarray
@@ -381,6 +383,7 @@ class Generation(NamedTuple):
     nfe: int
     xs: np.ndarray | None = None
     x0s: np.ndarray | None = None
+    latents: np.ndarray | None = None
 
 
 def guidance_times(interval: tuple[float, float], config: Config) -> tuple[float, float]:
@@ -444,23 +447,30 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
     if checkpoint is None or str(checkpoint.path) != settings.checkpoint:
         checkpoint = runs.open_checkpoint(settings.checkpoint)
     _check_unchanged("checkpoint", checkpoint.path, settings.checkpoint_sha256, checkpoint.sha256)
+    runs.check_generative(checkpoint)
     config = checkpoint.config
     check_settings(settings, config)
     size, channels = config.image_size, config.in_channels
+    space = runs.load_latent_space(config) if config.kind == "latent" else None
     x_known = mask = None
     if settings.init_image is not None:
         x_known = pictures.load_image(settings.init_image, size, channels, settings.resize)
         actual = files.sha256_of(settings.init_image)
         _check_unchanged("init image", settings.init_image, settings.init_image_sha256, actual)
+        if space is not None:  # img2img and inpainting start from the image's latent
+            x_known = space.encode(x_known[None])[0]
     if settings.mask is not None:
         mask = pictures.load_mask(settings.mask, size, settings.resize)
         _check_unchanged("mask", settings.mask, settings.mask_sha256, files.sha256_of(settings.mask))
+        if space is not None:
+            mask = latent.latent_mask(mask, space.factor)
     model = runs.load_model(checkpoint)
 
     denoiser = guided_denoiser(model, settings, config)
     noise_index, column_index, ncols = arrangement(settings)
     labels = tuple(settings.columns[i] for i in column_index)
-    x_T = initial_noise(settings, (size, size, channels))[noise_index]
+    x_T = initial_noise(settings, (config.unet.image_size, config.unet.image_size, config.unet.in_channels))
+    x_T = x_T[noise_index]
     cond = filler = None  # the condition of each image, and of the padding of the last batch
     if config.kind == "text":
         cond, filler = config.tokenizer.encode_all(labels), config.tokenizer.empty_ids
@@ -469,7 +479,8 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
         cond, filler = np.array([null if c is None else c for c in labels], np.int32), null
     n = len(labels)
     batch = math.ceil(n / math.ceil(n / settings.batch_size))  # the fewest batches batch_size allows, even in size
-    samples, xs, x0s = [], [], []
+    samples, xs, x0s, latents = [], [], [], []
+    pixels = (lambda x: np.asarray(x)) if space is None else (lambda x: np.asarray(space.decode(x)))
     with tqdm(total=n, desc="sampling", unit="image", disable=None if progress else True) as bar:
         for index, start in enumerate(range(0, n, batch)):
             part = slice(start, start + batch)
@@ -481,12 +492,16 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
                 batch_cond = np.concatenate([cond[part], np.broadcast_to(filler, (pad, *cond.shape[1:]))])
             key = jax.random.fold_in(jax.random.key(settings.seeds[0]), index)
             result = _sample_batch(settings, config, denoiser, batch_x_T, batch_cond, key, x_known, mask)
-            samples.append(np.asarray(result.x[:keep]))
+            samples.append(pixels(result.x)[:keep])
             if settings.trajectory:
-                xs.append(np.asarray(result.xs[:, :keep]))
-                x0s.append(np.asarray(result.x0s[:, :keep]))
+                frames = lambda f: pixels(f.reshape(-1, *f.shape[2:])).reshape(*f.shape[:2], size, size, channels)
+                xs.append(frames(result.xs)[:, :keep])
+                x0s.append(frames(result.x0s)[:, :keep])
+                latents.append(np.asarray(result.xs[:, :keep]))
             bar.update(keep)
     frames = (np.concatenate(xs, axis=1), np.concatenate(x0s, axis=1)) if settings.trajectory else ()
+    if settings.trajectory and space is not None:
+        frames += (np.concatenate(latents, axis=1),)
     return Generation(np.concatenate(samples), labels, ncols, result.nfe, *frames)
 
 
@@ -508,14 +523,15 @@ def read_settings(path) -> Settings:
 
 def save(generation: Generation, settings: Settings, path) -> list[Path]:
     """Write the grid as the PNG ``path``; with a trajectory also ``<stem>_trajectory.png`` (x_t and predicted
-    x0 per step, ``pictures.trajectory_strip``) and ``<stem>.gif`` (the grid over the steps).
+    x0 per step, and a latent model's latents, ``pictures.trajectory_strip``) and ``<stem>.gif`` (the grid over
+    the steps).
 
     Every file carries ``settings``, all are written atomically; returns the paths written.
     """
     path, text = Path(path), {PNG_KEY: settings.to_json()}
     written = {path: pictures.png_bytes(pictures.image_grid(generation.images, generation.ncols), text)}
     if generation.xs is not None:
-        strip = pictures.trajectory_strip(generation.xs, generation.x0s)
+        strip = pictures.trajectory_strip(generation.xs, generation.x0s, generation.latents)
         written[path.with_name(f"{path.stem}_trajectory.png")] = pictures.png_bytes(strip, text)
         frames = [pictures.image_grid(x, generation.ncols) for x in generation.xs]
         written[path.with_suffix(".gif")] = pictures.gif_bytes(frames, settings.to_json())

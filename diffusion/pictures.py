@@ -12,6 +12,7 @@ and image files become model inputs (``load_image``, ``load_mask``), with a
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -116,17 +117,40 @@ def _tiles(frames: np.ndarray) -> np.ndarray:
     return np.moveaxis(pixels, 0, 1)
 
 
-def trajectory_strip(xs: np.ndarray, x0s: np.ndarray) -> np.ndarray:
+def latent_tiles(latents: np.ndarray, size: int, spread: float = 3.0) -> np.ndarray:
+    """Latents (N, h, w, c) as grey images (N, size, size, 1) in the model's range, for showing: the c channels
+    side by side in a near-square grid (2 × 2 for four), each value v shown as v / ``spread`` (so ±3 standard
+    deviations of unit-variance latents span black to white), enlarged by repeating pixels, and padded white
+    to ``size``."""
+    n, h, w, c = latents.shape
+    k = math.ceil(math.sqrt(c))
+    padded = np.concatenate([latents, np.full((n, h, w, k * k - c), np.nan)], axis=-1)
+    grid = padded.reshape(n, h, w, k, k).transpose(0, 3, 1, 4, 2).reshape(n, k * h, k * w)
+    grid = np.clip(np.nan_to_num(grid / spread, nan=1.0), -1.0, 1.0)
+    scale = max(1, size // max(k * h, k * w))
+    grid = np.repeat(np.repeat(grid, scale, axis=1), scale, axis=2)[:, :size, :size]
+    out = np.ones((n, size, size), np.float32)
+    out[:, : grid.shape[1], : grid.shape[2]] = grid
+    return out[..., None]
+
+
+def trajectory_strip(xs: np.ndarray, x0s: np.ndarray, latents: np.ndarray | None = None) -> np.ndarray:
     """Two rows per image: x_t at every frame (``xs``, (F, n, H, W, C)), from the noise to the sample, and under
-    each x_t its prediction of x_0 (``x0s``, (F - 1, n, H, W, C)).
+    each x_t its prediction of x_0 (``x0s``, (F - 1, n, H, W, C)). For a latent model, ``xs`` and ``x0s`` are
+    decoded and ``latents`` (F, n, h, w, c), the x_t themselves, make a third row in between (``latent_tiles``).
 
     The last frame has no prediction under it (it is the sample); that tile
     stays blank.
     """
-    xs, x0s = _tiles(xs), _tiles(x0s)
-    blank = np.full_like(xs[:, :1], 255)
-    rows = np.stack([xs, np.concatenate([x0s, blank], axis=1)], axis=1)  # (n, 2, frames, H, W, C)
-    return image_grid(rows.reshape(-1, *rows.shape[3:]), ncols=xs.shape[1])
+    rows = [_tiles(xs)]
+    if latents is not None:
+        frames, n = latents.shape[:2]
+        tiles = latent_tiles(latents.reshape(frames * n, *latents.shape[2:]), xs.shape[2])
+        rows.append(_tiles(np.broadcast_to(tiles.reshape(frames, n, *tiles.shape[1:]), xs.shape)))
+    blank = np.full_like(rows[0][:, :1], 255)
+    rows.append(np.concatenate([_tiles(x0s), blank], axis=1))
+    rows = np.stack(rows, axis=1)  # (n, rows, frames, H, W, C)
+    return image_grid(rows.reshape(-1, *rows.shape[3:]), ncols=rows.shape[2])
 
 
 # --- Files read ------------------------------------------------------------------------------

@@ -19,10 +19,17 @@ base, each by path and sha256), and what a sampler needs from it. The kinds:
     text       a text encoder and a U-Net that reads it through cross-attention
                (``diffusion.text_encoder.TextUNet``), conditioned on prompts; its
                config (``TextConfig``) holds the tokenizer's vocabulary
+    autoencoder  images to latents and back (``diffusion.autoencoder``); its
+               checkpoints' meta.json records the latents' scale factor
+    latent     a denoiser like the first, on the latents of an autoencoder run
+               that its config (``LatentConfig``) pins by path and sha256
 
-``open_checkpoint(path)`` resolves a run or checkpoint folder once, reads its
-config and hashes its weights; ``load(checkpoint)`` returns the model with its
-denoiser, parameterization and conditioning. Every problem is a
+``start_config(preset, **overrides)`` is the config of a new run, with the
+runs it depends on pinned; ``resume_config`` the saved config of a run to
+continue. ``open_checkpoint(path)`` resolves a run or checkpoint folder once,
+reads its config and hashes its weights; ``load(checkpoint)`` returns a
+generative model with its denoiser, parameterization and conditioning, and
+``load_latent_space(config)`` a latent run's autoencoder. Every problem is a
 ``CheckpointError`` that says what to do.
 """
 
@@ -36,9 +43,10 @@ from typing import Any, Callable, NamedTuple
 
 from flax import nnx
 
-from diffusion import checkpoint
+from diffusion import checkpoint, configs, latent
+from diffusion.autoencoder import Autoencoder
 from diffusion.files import sha256_of
-from diffusion.configs import Config, TextConfig, config_from_dict
+from diffusion.configs import AutoencoderRunConfig, Config, LatentConfig, TextConfig, config_from_dict
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.text_encoder import TextUNet
 from diffusion.unet import UNet, as_denoiser
@@ -99,6 +107,10 @@ def _label_conditioning(config: Config) -> Conditioning:
     return Conditioning("label", config.num_classes) if config.num_classes else Conditioning("none")
 
 
+def _autoencoder_of(config: LatentConfig) -> Reference:
+    return Reference("autoencoder", config.autoencoder, config.autoencoder_sha256)
+
+
 KINDS = {
     "denoiser": Kind(
         config_from_dict=config_from_dict,
@@ -112,8 +124,21 @@ KINDS = {
         references=lambda config: (),
         conditioning=lambda config: Conditioning("text"),
     ),
+    "autoencoder": Kind(
+        config_from_dict=functools.partial(config_from_dict, cls=AutoencoderRunConfig),
+        make_model=lambda config, rngs: Autoencoder(config.autoencoder, rngs=rngs),
+        references=lambda config: (),
+        conditioning=lambda config: None,  # it does not generate
+    ),
+    "latent": Kind(
+        config_from_dict=functools.partial(config_from_dict, cls=LatentConfig),
+        make_model=lambda config, rngs: UNet(config.unet, rngs=rngs),
+        references=lambda config: (_autoencoder_of(config),),
+        conditioning=_label_conditioning,
+    ),
 }
-TRAINABLE = ("denoiser", "text")  # the kinds that train.py trains and resumes
+TRAINABLE = ("denoiser", "text", "autoencoder", "latent")  # the kinds that train.py trains and resumes
+GENERATIVE = ("denoiser", "text", "latent")  # the kinds that sample.py and evaluate.py sample from
 
 
 # --- Checkpoints ----------------------------------------------------------------------
@@ -238,10 +263,20 @@ class Loaded(NamedTuple):
         return self.checkpoint.config
 
 
+def check_generative(opened: Checkpoint) -> None:
+    """Raise a CheckpointError unless the checkpoint holds a model that generates images."""
+    if opened.kind not in GENERATIVE:
+        raise CheckpointError(
+            f"{opened.path} holds an {opened.kind}, which does not generate images: sample from a latent run "
+            f"trained on it (train.py --preset latent --autoencoder {opened.path})"
+        )
+
+
 def load(path_or_checkpoint, ema: bool = True) -> Loaded:
-    """Load a run folder, a checkpoint folder or an opened ``Checkpoint``: the model with its denoiser,
-    parameterization and conditioning, ready for ``diffusion.samplers``."""
+    """Load a run folder, a checkpoint folder or an opened ``Checkpoint`` of a generative kind: the model with its
+    denoiser, parameterization and conditioning, ready for ``diffusion.samplers``."""
     opened = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else open_checkpoint(path_or_checkpoint)
+    check_generative(opened)
     model = load_model(opened, ema)
     denoiser, parameterization = as_denoiser(model)
     return Loaded(opened, model, denoiser, parameterization, KINDS[opened.kind].conditioning(opened.config))
@@ -271,3 +306,48 @@ def resume_config(runs_dir: str = Config.runs_dir, name: str = Config.name, **ov
         raise ConfigError(f"unknown config field(s) {', '.join(unknown)} for a {kind} run")
     overrides.pop("resume", None)
     return dataclasses.replace(saved, runs_dir=str(runs_dir), name=name, resume=True, **overrides)
+
+
+# --- Latent runs ------------------------------------------------------------------------
+
+
+def open_autoencoder(path) -> tuple[Checkpoint, float]:
+    """An autoencoder run or checkpoint folder, opened, and the scale factor of its latents (from its meta.json)."""
+    opened = open_checkpoint(path)
+    if opened.kind != "autoencoder":
+        raise ConfigError(
+            f"{opened.path} holds a {opened.kind} model, not an autoencoder: train one with "
+            f"train.py --preset autoencoder, and name its run folder with --autoencoder"
+        )
+    try:
+        scale = float(checkpoint.read_json(opened.path, "meta.json")["latent_scale"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _unreadable(opened.path, f"no latent scale in meta.json: {error}") from None
+    return opened, scale
+
+
+def start_config(preset: str = "cpu", **overrides) -> Config:
+    """The config of a new run: ``configs.make_config(preset, **overrides)``, and for a latent run its
+    autoencoder pinned (``autoencoder``: a run or checkpoint folder; the checkpoint it resolves to, the sha256 of
+    its weights, its image and latent shapes, its dataset unless given and its scale factor are recorded)."""
+    if configs.config_class(preset) is LatentConfig:
+        opened, scale = open_autoencoder(overrides.get("autoencoder", LatentConfig.autoencoder))
+        ae = opened.config
+        overrides = {
+            "dataset": ae.dataset,
+            **overrides,
+            "autoencoder": str(opened.path),
+            "autoencoder_sha256": opened.sha256,
+            "latent_scale": scale,
+            "latent_shape": ae.autoencoder.latent_shape,
+            "image_size": ae.image_size,
+            "in_channels": ae.in_channels,
+        }
+    return configs.make_config(preset, **overrides)
+
+
+def load_latent_space(config: LatentConfig) -> latent.LatentSpace:
+    """The autoencoder a latent run was trained with (its EMA weights, checked against the pinned sha256) and the
+    run's scale factor."""
+    check_reference(_autoencoder_of(config), config.run_dir)
+    return latent.latent_space(load_model(open_checkpoint(config.autoencoder)), config.latent_scale)

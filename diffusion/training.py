@@ -59,8 +59,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from diffusion import captions, checkpoint, data, files, guidance, pictures, losses, runs, samplers
-from diffusion.configs import Config, check_compatible
+from diffusion import autoencoder, captions, checkpoint, data, files, guidance, latent, pictures, losses, runs, samplers
+from diffusion.configs import Config, RunConfig, check_compatible
 from diffusion.errors import ConfigError
 from diffusion.unet import as_denoiser
 
@@ -135,8 +135,11 @@ def ema_decay_at(step, decay: float):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def objective(config: Config):
-    """The loss of ``diffusion.losses`` that ``config`` asks for, as ``(model, x0, cond, key) -> scalar``."""
+def objective(config: RunConfig):
+    """The loss that ``config`` asks for, as ``(model, x0, cond, key) -> scalar``: one of ``diffusion.losses``,
+    or an autoencoder's (``diffusion.autoencoder.loss``)."""
+    if config.kind == "autoencoder":
+        return functools.partial(autoencoder.loss, kl_weight=config.kl_weight, reconstruction=config.reconstruction)
     if config.parameterization == "velocity":
         return functools.partial(
             losses.flow_matching_loss, logit_mean=config.flow_logit_mean, logit_std=config.flow_logit_std
@@ -152,6 +155,8 @@ def objective(config: Config):
 def train_step(state: TrainState, x0, cond, *, graphdef, config: Config):
     """One optimisation step on a batch: returns (new state, metrics). Pure; compiled by ``make_train_step``.
 
+    x0: the batch's images in the model range, or for a latent run the posteriors of their latents
+    (``diffusion.latent.posterior_moments``), from which the step draws them.
     cond: the batch's labels (B,), or for a text run its prompts' token ids (B, L).
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -162,10 +167,15 @@ def train_step(state: TrainState, x0, cond, *, graphdef, config: Config):
         cond = drop_labels(key_labels, cond, config.label_dropout, config.num_classes)
     else:
         cond = None
+    if config.kind == "latent":
+        key_loss, key_latents = jax.random.split(key_loss)
+        x0 = latent.sample_latents(x0, key_latents, config.latent_scale)
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        return objective(config)(functools.partial(model, dropout_key=key_dropout), x0, cond, key_loss)
+        if config.kind != "autoencoder":  # (an autoencoder has no dropout)
+            model = functools.partial(model, dropout_key=key_dropout)
+        return objective(config)(model, x0, cond, key_loss)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     optimizer = make_optimizer(config)
@@ -269,13 +279,14 @@ def plot_loss(metrics_path: Path, png_path: Path) -> None:
     fig.savefig(png_path, dpi=100)
 
 
-def sample_grid(model, config: Config, per_class: int = 4) -> np.ndarray:
+def sample_grid(model, config: Config, per_class: int = 4, space: latent.LatentSpace | None = None) -> np.ndarray:
     """Samples from ``model`` through ``diffusion.samplers``, one row per class (per prompt of
     ``captions.EXAMPLE_PROMPTS`` for a text run), as a uint8 image (H, W, C).
 
     DDIM with trailing spacing (flow Euler for flow models), ``config.sample_steps``
     steps, classifier-free guidance at ``config.sample_guidance``, and the same
     starting noise every time, so grids from different steps are comparable.
+    A latent run's samples are decoded by its ``space``.
     """
     if config.kind == "text":
         rows, negative = len(captions.EXAMPLE_PROMPTS), config.tokenizer.empty_ids
@@ -283,7 +294,7 @@ def sample_grid(model, config: Config, per_class: int = 4) -> np.ndarray:
     else:
         rows, negative = config.num_classes or 4, config.num_classes
         cond = jnp.repeat(jnp.arange(rows), per_class) if config.num_classes else None
-    shape = (rows * per_class, config.image_size, config.image_size, config.in_channels)
+    shape = (rows * per_class, config.unet.image_size, config.unet.image_size, config.unet.in_channels)
     x_T = jax.random.normal(jax.random.key(config.seed), shape)
     denoiser, kind = as_denoiser(model)
     if cond is not None and config.sample_guidance > 1.0:
@@ -293,21 +304,50 @@ def sample_grid(model, config: Config, per_class: int = 4) -> np.ndarray:
     else:
         run = dict(sampler="ddim", schedule=config.noise_schedule, spacing="trailing")
     x = samplers.sample(denoiser, x_T, steps=config.sample_steps, parameterization=kind, cond=cond, **run).x
-    return pictures.image_grid(np.asarray(x), ncols=per_class)
+    return pictures.image_grid(np.asarray(x if space is None else space.decode(x)), ncols=per_class)
 
 
-def _save_samples(config: Config, graphdef, state: TrainState) -> None:
-    grid = sample_grid(nnx.merge(graphdef, to_host(state.ema)), config)
+def reconstruction_grid(model: autoencoder.Autoencoder, images: np.ndarray, ncols: int = 8) -> np.ndarray:
+    """uint8 ``images`` and the autoencoder's reconstructions of them (decoded posterior means), in pairs of
+    rows: ``ncols`` originals, then their reconstructions below, as a uint8 image (H, W, C)."""
+    x = data.to_model_range(images)
+    x_hat = np.asarray(model.decode(model.encode(x)[0]))
+    pairs = [(x[start : start + ncols], x_hat[start : start + ncols]) for start in range(0, len(x), ncols)]
+    rows = [row for pair in pairs for row in pair]
+    return pictures.image_grid(np.concatenate(rows), ncols=ncols)
+
+
+def grid_of(config: RunConfig, space: latent.LatentSpace | None = None):
+    """``draw(model) -> uint8 image``, the grid a run saves as it trains: samples (decoded by ``space`` for a
+    latent run), or for an autoencoder its reconstructions of the first 16 test images."""
+    if config.kind == "autoencoder":
+        shown = data.load_dataset(config.dataset, "test")[0][:16]
+        return functools.partial(reconstruction_grid, images=shown)
+    return functools.partial(sample_grid, config=config, space=space)
+
+
+def _save_samples(config: RunConfig, graphdef, state: TrainState, draw) -> None:
+    grid = draw(nnx.merge(graphdef, to_host(state.ema)))
     path = runs.samples_path(config.run_dir, int(to_host(state.step)))
     files.write_atomically({path: pictures.png_bytes(grid, {})})
+
+
+def kind_meta(config: RunConfig, graphdef, state: TrainState, train_images) -> dict:
+    """What a checkpoint of this kind records in meta.json beyond every kind's entries: for an autoencoder the
+    scale factor of its latents (``diffusion.latent.latent_scale``, from the EMA weights)."""
+    if config.kind != "autoencoder":
+        return {}
+    space = latent.latent_space(nnx.merge(graphdef, to_host(state.ema)), 1.0)
+    return {"latent_scale": latent.latent_scale(latent.posterior_moments(space, train_images[: latent.SCALE_IMAGES]))}
 
 
 # --- The loop ----------------------------------------------------------------------
 
 
-def load_training_data(config: Config):
+def load_training_data(config: RunConfig, space: latent.LatentSpace | None = None):
     """The training split of ``config.dataset`` as (uint8 images, labels), checked against the config; for a text
-    run the labels are the rows of ``diffusion.captions.digit_table`` (label and attribute bins)."""
+    run the labels are the rows of ``diffusion.captions.digit_table`` (label and attribute bins); for a latent run
+    the images are encoded by its ``space`` into the posteriors of their latents (``latent.posterior_moments``)."""
     pixels, labels = data.load_dataset(config.dataset, "train")
     shape = data.to_model_range(pixels[:1]).shape[1:]
     if shape != (config.image_size, config.image_size, config.in_channels):
@@ -322,6 +362,8 @@ def load_training_data(config: Config):
         )
     if config.kind == "text":
         return pixels, captions.digit_table(pixels, labels)
+    if space is not None:
+        return latent.posterior_moments(space, pixels), labels
     return pixels, labels
 
 
@@ -368,7 +410,9 @@ def train(config: Config, callback=None) -> TrainState:
     for folder in (Path(config.runs_dir), config.run_dir):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{folder} is a file, not a folder: choose another --runs-dir or --name")
-    train_images, train_labels = load_training_data(config)
+    space = runs.load_latent_space(config) if config.kind == "latent" else None
+    train_images, train_labels = load_training_data(config, space)
+    draw = grid_of(config, space) if config.sample_every else None
     metrics_path = config.run_dir / "metrics.jsonl"
 
     if config.resume:
@@ -403,9 +447,8 @@ def train(config: Config, callback=None) -> TrainState:
         for done in range(int(state.step) + 1, config.steps + 1):  # done: the steps completed after this one
             x, y = next(batches)
             started = time.perf_counter()
-            state, metrics = step_fn(
-                state, put_batch(mesh, data.to_model_range(x)), put_batch(mesh, conditions(config, y, done - 1))
-            )
+            x = x if config.kind == "latent" else data.to_model_range(x)  # (a latent run's x: posteriors, float32)
+            state, metrics = step_fn(state, put_batch(mesh, x), put_batch(mesh, conditions(config, y, done - 1)))
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step to finish
             if done > first_step:  # the first step of a session includes compiling: not timed
                 timed_steps, step_seconds = timed_steps + 1, step_seconds + time.perf_counter() - started
@@ -424,11 +467,11 @@ def train(config: Config, callback=None) -> TrainState:
                     f.write(json.dumps(row) + "\n")
                 interval_losses = []
             if done % config.checkpoint_every == 0 or done == config.steps or ctrl_c.pressed:
-                saved = _save(config, state, metrics=metrics)
+                saved = _save(config, state, metrics=metrics, **kind_meta(config, graphdef, state, train_images))
                 if is_main:
                     plot_loss(metrics_path, config.run_dir / "loss.png")
             if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
-                _save_samples(config, graphdef, state)
+                _save_samples(config, graphdef, state, draw)
             if ctrl_c.pressed:
                 print(f"interrupted at step {done}: saved {saved}; continue with --name {config.name} --resume")
                 break

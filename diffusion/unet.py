@@ -125,12 +125,15 @@ class GroupNorm(nnx.Module):
 
 
 class ResBlock(nnx.Module):
-    """h = skip(x) + conv(dropout(silu(norm(conv(silu(norm(x))) + W emb)))), the residual block of Ho et al. 2020."""
+    """h = skip(x) + conv(dropout(silu(norm(conv(silu(norm(x))) + W emb)))), the residual block of Ho et al. 2020.
+
+    With ``emb_dim`` = 0 the block has no conditioning vector (the autoencoder's blocks, ``diffusion.autoencoder``).
+    """
 
     def __init__(self, in_channels, out_channels, emb_dim, *, dropout, norm_groups, dtype, rngs):
         self.norm1 = GroupNorm(in_channels, norm_groups)
         self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
-        self.emb_proj = nnx.Linear(emb_dim, out_channels, dtype=dtype, rngs=rngs)
+        self.emb_proj = nnx.Linear(emb_dim, out_channels, dtype=dtype, rngs=rngs) if emb_dim else None
         self.norm2 = GroupNorm(out_channels, norm_groups)
         self.dropout = nnx.Dropout(dropout)
         self.conv2 = nnx.Conv(
@@ -141,9 +144,10 @@ class ResBlock(nnx.Module):
             nnx.Conv(in_channels, out_channels, (1, 1), dtype=dtype, rngs=rngs) if in_channels != out_channels else None
         )
 
-    def __call__(self, x, emb, rngs):
+    def __call__(self, x, emb=None, rngs=None):
         h = self.conv1(nnx.silu(self.norm1(x)))
-        h = h + self.emb_proj(nnx.silu(emb))[:, None, None, :]
+        if self.emb_proj is not None:
+            h = h + self.emb_proj(nnx.silu(emb))[:, None, None, :]
         h = nnx.silu(self.norm2(h))
         h = self.dropout(h, deterministic=rngs is None, rngs=rngs)
         h = self.conv2(h)
@@ -199,7 +203,7 @@ def _cross_attention(channels, *, num_heads, norm_groups, context_dim, dtype, rn
     return CrossAttention(channels, context_dim, num_heads=num_heads, norm=norm, dtype=dtype, rngs=rngs)
 
 
-def _upsample(x):
+def upsample_nearest(x):
     """Nearest-neighbour ×2: every pixel becomes a 2×2 block."""
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
@@ -369,7 +373,7 @@ class UNet(nnx.Module):
         for i, level in enumerate(self.up):
             h = level(jnp.concatenate([h, skips.pop()], axis=-1), emb, rngs, context)
             if i < len(self.upsample):
-                h = self.upsample[i](_upsample(h))
+                h = self.upsample[i](upsample_nearest(h))
 
         h = self.conv_out(nnx.silu(self.norm_out(h)))
         return h[:, lo : lo + H, lo : lo + W, :].astype(jnp.float32)
