@@ -36,7 +36,7 @@ def compiled_step(config):
     """(config, compiled step, state, x, cond, temporary bytes) for one run's config, on fixed inputs."""
     mesh = training.make_mesh()
     graphdef, state = training.init_state(config)
-    space = runs.load_latent_space(config) if config.kind == "latent" else None
+    space = runs.load_latent_space(config, config.run_dir) if config.kind == "latent" else None
     images, labels = training.load_training_data(config, space)
     x = images[: config.batch_size]
     x = x if config.kind == "latent" else data.to_model_range(x)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     train = alternate({n: stepper(n) for n in steps}, args.rounds, args.calls,
                       {n: c.batch_size for n, c in configs.items()})
     pixel, latent_name = "pixel (cpu preset)", "latent preset"
-    space = runs.load_latent_space(configs[latent_name])
+    space = runs.load_latent_space(configs[latent_name], configs[latent_name].run_dir)
     draws = {pixel: sampling_program(configs[pixel], None), latent_name: sampling_program(configs[latent_name], space)}
     sampling = alternate(draws, max(1, args.rounds // 2), 2, {n: 64 for n in draws})
 

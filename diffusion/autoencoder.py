@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion.errors import ConfigError, check_whole
-from diffusion.unet import COMPUTE_DTYPES, GroupNorm, ResBlock, upsample_nearest
+from diffusion.errors import ConfigError
+from diffusion.unet import COMPUTE_DTYPES, GroupNorm, ResBlock, check_sizes, upsample_nearest
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 LOG_VARIANCE_RANGE = (-30.0, 20.0)  # the posterior's log variance is clipped to this (as LDM does), so exp() is finite
@@ -67,12 +67,7 @@ class AutoencoderConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        for name in ("image_size", "in_channels", "latent_channels", "channels", "num_res_blocks", "norm_groups"):
-            check_whole(name, getattr(self, name), 1, ConfigError)
-        if not self.channel_mult:
-            raise ConfigError("channel_mult needs at least one level, e.g. (1, 2, 2)")
-        for m in self.channel_mult:
-            check_whole("each channel_mult entry", m, 1, ConfigError)
+        check_sizes(self, ("image_size", "in_channels", "latent_channels", "channels", "num_res_blocks", "norm_groups"))
         if self.image_size % self.factor:
             raise ConfigError(
                 f"{len(self.channel_mult)} levels shrink the side by {self.factor}, which does not divide "

@@ -323,7 +323,7 @@ PRESETS = {
     ),
     "autoencoder-tiny": dict(_RUN_TINY, channels=8, channel_mult=(1, 2, 2), norm_groups=4),
     # Latent diffusion (LatentConfig): the U-Net on the 7×7×4 latents of --autoencoder (8×8 padded, then 4×4).
-    "latent": dict(name="latent", channels=32, channel_mult=(1, 2), attention_resolutions=(4,)),
+    "latent": dict(name="latent", channels=32, channel_mult=(1, 2), attention_resolutions=(4,), steps=4000),
     "latent-tiny": dict(_TINY, channel_mult=(1, 2), attention_resolutions=(4,)),
 }
 

@@ -451,7 +451,7 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
     config = checkpoint.config
     check_settings(settings, config)
     size, channels = config.image_size, config.in_channels
-    space = runs.load_latent_space(config) if config.kind == "latent" else None
+    space = runs.load_latent_space(config, runs.run_folder(checkpoint.path)) if config.kind == "latent" else None
     x_known = mask = None
     if settings.init_image is not None:
         x_known = pictures.load_image(settings.init_image, size, channels, settings.resize)

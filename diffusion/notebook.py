@@ -8,7 +8,8 @@ real figures.
 ``trained_model()`` never downloads anything: it loads the main job's model
 (``runs/default``, written by ``make demo``) when there is one, and otherwise
 trains what it needs, tiny in fast mode; ``trained_text_model()`` likewise
-for the text model (``runs/text``).
+for the text model (``runs/text``), ``trained_latent_model()`` for the latent
+model (``runs/latent``) and its autoencoder (``runs/autoencoder``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffusion import checkpoint, configs, runs, training
+from diffusion import checkpoint, runs, training
 
 FAST = os.environ.get("DIFFUSION_FAST") == "1"
 
@@ -32,8 +33,8 @@ def runs_dir() -> Path:
     return here.parent / "runs" if here.name == "notebooks" else here / "runs"
 
 
-def _trained(run_name: str, preset: str, tiny_preset: str, fast: bool):
-    """``runs/<run_name>`` loaded if it has a checkpoint, else a run trained now (see ``trained_model``)."""
+def _trained_run(run_name: str, preset: str, tiny_preset: str, fast: bool, **overrides) -> Path:
+    """``runs/<run_name>`` if it has a checkpoint, else the folder of a run trained now (see ``trained_model``)."""
     run_dir = runs_dir() / run_name
     if checkpoint.latest(runs.checkpoint_dir(run_dir)) is None:
         if fast:
@@ -41,11 +42,23 @@ def _trained(run_name: str, preset: str, tiny_preset: str, fast: bool):
             choices = dict(preset=tiny_preset, name=name, steps=steps, sample_every=0)
         else:
             choices = dict(preset=preset, name=run_name)
-        config = configs.make_config(**choices, runs_dir=str(runs_dir()))
+        config = runs.start_config(**choices, runs_dir=str(runs_dir()), **overrides)
         if checkpoint.latest(runs.checkpoint_dir(config.run_dir)) is None:
             training.train(config)
         run_dir = config.run_dir
-    return runs.load(run_dir)
+    return run_dir
+
+
+def _trained(run_name: str, preset: str, tiny_preset: str, fast: bool):
+    return runs.load(_trained_run(run_name, preset, tiny_preset, fast))
+
+
+def trained_latent_model(fast: bool = FAST) -> runs.Loaded:
+    """A latent model, loaded: ``runs/latent`` (``train.py --preset latent``) if it has a checkpoint, else trained
+    now on ``runs/autoencoder`` (``train.py --preset autoencoder``), which is trained first if absent; in fast
+    mode ``latent-tiny`` on ``autoencoder-tiny``, a few steps each. Its autoencoder: ``runs.load_latent_space``."""
+    autoencoder = _trained_run("autoencoder", "autoencoder", "autoencoder-tiny", fast)
+    return runs.load(_trained_run("latent", "latent", "latent-tiny", fast, autoencoder=str(autoencoder)))
 
 
 def trained_text_model(fast: bool = FAST) -> runs.Loaded:

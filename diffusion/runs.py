@@ -29,7 +29,7 @@ runs it depends on pinned; ``resume_config`` the saved config of a run to
 continue. ``open_checkpoint(path)`` resolves a run or checkpoint folder once,
 reads its config and hashes its weights; ``load(checkpoint)`` returns a
 generative model with its denoiser, parameterization and conditioning, and
-``load_latent_space(config)`` a latent run's autoencoder. Every problem is a
+``load_latent_space(config, run_dir)`` a latent run's autoencoder. Every problem is a
 ``CheckpointError`` that says what to do.
 """
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -68,7 +69,12 @@ def samples_path(run_dir, step: int) -> Path:
 
 
 class Reference(NamedTuple):
-    """Another run that a run depends on (its role, e.g. "autoencoder"), pinned by the sha256 of its weights."""
+    """Another run that a run depends on (its role, e.g. "autoencoder"), pinned by the sha256 of its weights.
+
+    A run pins absolute paths (``start_config``); a relative one (written by
+    hand, say after moving the runs folder) is read relative to the folder of
+    the run that names it (``resolve``).
+    """
 
     role: str
     path: str
@@ -198,10 +204,23 @@ def read_config(path) -> tuple[str, Any]:
         raise CheckpointError(f"checkpoint {path} has settings this code cannot use ({error})") from None
 
 
-def check_reference(reference: Reference, where) -> None:
-    """Raise a CheckpointError unless the run that ``reference`` names still has the weights it was pinned to."""
+def run_folder(checkpoint_path) -> Path:
+    """The run folder a checkpoint folder lies in (its own parent if it lies outside a run's checkpoints/)."""
+    path = Path(checkpoint_path)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def resolve(reference: Reference, run_dir) -> Path:
+    """Where ``reference`` points, for a run in ``run_dir``: its path, taken relative to ``run_dir`` unless
+    absolute."""
+    return Path(os.path.normpath(Path(run_dir) / reference.path))
+
+
+def check_reference(reference: Reference, run_dir, where) -> Path:
+    """The checkpoint that ``reference`` (named by the run in ``run_dir``) points to; a CheckpointError unless
+    it still has the weights it was pinned to."""
     try:
-        found = find_checkpoint(reference.path)
+        found = find_checkpoint(resolve(reference, run_dir))
         actual = sha256_of(found / "state.npz")
     except (CheckpointError, OSError) as error:
         raise CheckpointError(f"{where} needs its {reference.role} {reference.path}, which cannot be read "
@@ -211,6 +230,7 @@ def check_reference(reference: Reference, where) -> None:
             f"{where} was made with the {reference.role} {reference.path} of sha256 {reference.sha256[:12]}…, "
             f"but {found} now has sha256 {actual[:12]}…: restore that {reference.role}, or retrain {where}"
         )
+    return found
 
 
 def open_checkpoint(path) -> Checkpoint:
@@ -223,7 +243,7 @@ def open_checkpoint(path) -> Checkpoint:
     except OSError as error:
         raise _unreadable(found, error) from None
     for reference in KINDS[kind].references(config):
-        check_reference(reference, found)
+        check_reference(reference, run_folder(found), found)
     return Checkpoint(found, kind, config, sha256)
 
 
@@ -328,15 +348,16 @@ def open_autoencoder(path) -> tuple[Checkpoint, float]:
 
 def start_config(preset: str = "cpu", **overrides) -> Config:
     """The config of a new run: ``configs.make_config(preset, **overrides)``, and for a latent run its
-    autoencoder pinned (``autoencoder``: a run or checkpoint folder; the checkpoint it resolves to, the sha256 of
-    its weights, its image and latent shapes, its dataset unless given and its scale factor are recorded)."""
+    autoencoder pinned (``autoencoder``: a run or checkpoint folder; the checkpoint it resolves to, as an
+    absolute path, the sha256 of its weights, its image and latent shapes, its dataset unless given and its scale
+    factor are recorded)."""
     if configs.config_class(preset) is LatentConfig:
         opened, scale = open_autoencoder(overrides.get("autoencoder", LatentConfig.autoencoder))
         ae = opened.config
         overrides = {
             "dataset": ae.dataset,
             **overrides,
-            "autoencoder": str(opened.path),
+            "autoencoder": str(opened.path.resolve()),
             "autoencoder_sha256": opened.sha256,
             "latent_scale": scale,
             "latent_shape": ae.autoencoder.latent_shape,
@@ -346,8 +367,8 @@ def start_config(preset: str = "cpu", **overrides) -> Config:
     return configs.make_config(preset, **overrides)
 
 
-def load_latent_space(config: LatentConfig) -> latent.LatentSpace:
-    """The autoencoder a latent run was trained with (its EMA weights, checked against the pinned sha256) and the
-    run's scale factor."""
-    check_reference(_autoencoder_of(config), config.run_dir)
-    return latent.latent_space(load_model(open_checkpoint(config.autoencoder)), config.latent_scale)
+def load_latent_space(config: LatentConfig, run_dir) -> latent.LatentSpace:
+    """The autoencoder of the latent run in ``run_dir`` (its EMA weights, checked against the pinned sha256) and
+    the run's scale factor."""
+    found = check_reference(_autoencoder_of(config), run_dir, run_dir)
+    return latent.latent_space(load_model(open_checkpoint(found)), config.latent_scale)

@@ -410,7 +410,7 @@ def train(config: Config, callback=None) -> TrainState:
     for folder in (Path(config.runs_dir), config.run_dir):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{folder} is a file, not a folder: choose another --runs-dir or --name")
-    space = runs.load_latent_space(config) if config.kind == "latent" else None
+    space = runs.load_latent_space(config, config.run_dir) if config.kind == "latent" else None
     train_images, train_labels = load_training_data(config, space)
     draw = grid_of(config, space) if config.sample_every else None
     metrics_path = config.run_dir / "metrics.jsonl"

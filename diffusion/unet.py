@@ -385,14 +385,20 @@ def padded_size(image_size: int, num_levels: int) -> int:
     return -(-image_size // factor) * factor
 
 
+def check_sizes(config, names: tuple[str, ...]) -> None:
+    """Raise a ConfigError unless each field in ``names`` is a whole number >= 1 and ``channel_mult`` names at
+    least one level, each a whole number >= 1 (the checks a U-Net and an autoencoder share)."""
+    for name in names:
+        check_whole(name, getattr(config, name), 1, ConfigError)
+    if not config.channel_mult:
+        raise ConfigError("channel_mult needs at least one level, e.g. (1, 2, 2)")
+    for m in config.channel_mult:
+        check_whole("each channel_mult entry", m, 1, ConfigError)
+
+
 def _check(c: UNetConfig):
     """Raise a ConfigError that says what to change if the U-Net settings do not fit together."""
-    for name in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "norm_groups"):
-        check_whole(name, getattr(c, name), 1, ConfigError)
-    if not c.channel_mult:
-        raise ConfigError("channel_mult needs at least one level, e.g. (1, 2, 2)")
-    for m in c.channel_mult:
-        check_whole("each channel_mult entry", m, 1, ConfigError)
+    check_sizes(c, ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "norm_groups"))
     if not is_whole(c.context_dim, 0):
         raise ConfigError(f"context_dim must be a whole number >= 0 (got {c.context_dim!r}); 0 means no text")
     if not is_whole(c.num_classes, 0):

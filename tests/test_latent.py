@@ -75,7 +75,7 @@ def test_a_latent_run_pins_its_autoencoder_and_trains_on_its_latents(latent_run,
     config, state = latent_run
     ae_config, _ = autoencoder_run
     opened, scale = runs.open_autoencoder(ae_config.run_dir)
-    assert config.autoencoder == str(opened.path) and config.autoencoder_sha256 == opened.sha256
+    assert config.autoencoder == str(opened.path.resolve()) and config.autoencoder_sha256 == opened.sha256
     assert config.latent_scale == scale and config.latent_shape == (7, 7, 4)
     assert config.unet.image_size == 7 and config.unet.in_channels == 4 and config.image_size == 28
     loaded = runs.load(config.run_dir)
@@ -101,7 +101,8 @@ def test_a_latent_run_refuses_a_changed_autoencoder(latent_run, tmp_path):
     shutil.copytree(config.run_dir, moved.run_dir)
     saved = runs.checkpoint_dir(moved.run_dir) / "step_00000020"
     values = checkpoint.read_json(saved, "config.json")
-    (saved / "config.json").write_text(json.dumps({**values, "autoencoder": str(ae_copy)}))
+    # A relative path is read from the run's folder, wherever the command runs.
+    (saved / "config.json").write_text(json.dumps({**values, "autoencoder": "../ae-copy"}))
     assert runs.open_checkpoint(saved).kind == "latent"  # the copy has the same weights: accepted
 
     weights = dict(np.load(ae_copy / "state.npz"))
