@@ -480,7 +480,12 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
     n = len(labels)
     batch = math.ceil(n / math.ceil(n / settings.batch_size))  # the fewest batches batch_size allows, even in size
     samples, xs, x0s, latents = [], [], [], []
-    pixels = (lambda x: np.asarray(x)) if space is None else (lambda x: np.asarray(space.decode(x)))
+    def pixels(x):  # a batch of samples as images: a latent model's decoded
+        return np.asarray(x if space is None else space.decode(x))
+
+    def pixel_frames(f):  # (frames, batch, ...) likewise
+        return pixels(f.reshape(-1, *f.shape[2:])).reshape(*f.shape[:2], size, size, channels)
+
     with tqdm(total=n, desc="sampling", unit="image", disable=None if progress else True) as bar:
         for index, start in enumerate(range(0, n, batch)):
             part = slice(start, start + batch)
@@ -494,9 +499,8 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
             result = _sample_batch(settings, config, denoiser, batch_x_T, batch_cond, key, x_known, mask)
             samples.append(pixels(result.x)[:keep])
             if settings.trajectory:
-                frames = lambda f: pixels(f.reshape(-1, *f.shape[2:])).reshape(*f.shape[:2], size, size, channels)
-                xs.append(frames(result.xs)[:, :keep])
-                x0s.append(frames(result.x0s)[:, :keep])
+                xs.append(pixel_frames(result.xs)[:, :keep])
+                x0s.append(pixel_frames(result.x0s)[:, :keep])
                 latents.append(np.asarray(result.xs[:, :keep]))
             bar.update(keep)
     frames = (np.concatenate(xs, axis=1), np.concatenate(x0s, axis=1)) if settings.trajectory else ()
