@@ -152,12 +152,21 @@ def test_img2img_and_inpainting_work_on_latents(latent_run, tmp_path):
     mask = np.zeros((28, 28), np.uint8)
     mask[14:] = 255  # repaint the bottom half
     PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    PIL.Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "keep-all.png")
     opened = runs.open_checkpoint(config.run_dir)
-    for choices in (dict(strength=0.5), dict(mask=str(tmp_path / "mask.png"))):
+
+    def draw(**choices):
         settings = generate.default_settings(opened, steps=3, labels=(3,), init_image=str(tmp_path / "digit.png"),
                                              **choices)
-        images = generate.generate(settings, checkpoint=opened).images
+        return generate.generate(settings, checkpoint=opened).images
+
+    for choices in (dict(strength=0.5), dict(mask=str(tmp_path / "mask.png"))):
+        images = draw(**choices)
         assert images.shape == (1, 28, 28, 1) and np.isfinite(images).all()
+    # A mask that keeps everything keeps the init image's latent: the result is its reconstruction.
+    space = runs.load_latent_space(config, config.run_dir)
+    reconstruction = np.asarray(space.decode(space.encode(data.to_model_range(digit[None]))))
+    np.testing.assert_allclose(draw(mask=str(tmp_path / "keep-all.png")), reconstruction, atol=1e-4)
 
 
 def test_an_autoencoder_does_not_sample(autoencoder_run, tmp_path, capsys):
