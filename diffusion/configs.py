@@ -264,7 +264,7 @@ ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "comp
     "num_timesteps",
     "zero_terminal_snr",
 )
-# Those of each kind of run beyond a denoiser's.
+# The architecture fields of each kind of run: a checkpoint of that kind resumes only with the same values.
 KIND_ARCHITECTURE_FIELDS = {
     "denoiser": ARCHITECTURE_FIELDS,
     "text": ARCHITECTURE_FIELDS + ("text_width", "text_layers", "text_heads", "max_tokens", "vocabulary"),

@@ -370,5 +370,7 @@ def start_config(preset: str = "cpu", **overrides) -> Config:
 def load_latent_space(config: LatentConfig, run_dir) -> latent.LatentSpace:
     """The autoencoder of the latent run in ``run_dir`` (its EMA weights, checked against the pinned sha256) and
     the run's scale factor."""
-    found = check_reference(_autoencoder_of(config), run_dir, run_dir)
-    return latent.latent_space(load_model(open_checkpoint(found)), config.latent_scale)
+    found = check_reference(_autoencoder_of(config), run_dir, run_dir)  # its weights hashed once, here
+    kind, autoencoder_config = read_config(found)
+    opened = Checkpoint(found, kind, autoencoder_config, config.autoencoder_sha256)
+    return latent.latent_space(load_model(opened), config.latent_scale)
