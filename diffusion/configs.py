@@ -34,7 +34,7 @@ class RunConfig:
     """The settings every kind of training run has: its folder, its data, the optimisation and what it writes.
 
     Each kind of run adds its model's fields: ``Config`` (a denoising U-Net),
-    ``TextConfig``, ``AutoencoderRunConfig``, ``LatentConfig``.
+    ``TextConfig``, ``AutoencoderRunConfig``, ``LatentConfig``, ``DistillConfig``.
     """
 
     kind: ClassVar[str] = ""  # what the run's checkpoints hold (see diffusion.runs)
@@ -257,6 +257,96 @@ class LatentConfig(Config):
         return UNetConfig(**{**{name: getattr(self, name) for name in UNET_FIELDS}, "image_size": h, "in_channels": c})
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(Config):
+    """A few-step student distilled from a trained teacher run (``diffusion.distillation``).
+
+    ``method`` is ``progressive`` (Salimans & Ho 2022: the student does in one
+    DDIM step what the teacher did in two, ``teacher_steps`` -> half as many) or
+    ``consistency`` (Song et al. 2023; LCM, Luo et al. 2023: the student maps any
+    point of the teacher's ODE trajectory to its origin, sampled with ``lcm``).
+    The student has its teacher's architecture, a guidance embedding besides,
+    and starts from its weights; the teacher is guided at a scale drawn from
+    [``guidance_min``, ``guidance_max``] for each example, which the student
+    takes as an input. The teacher is pinned when the run starts
+    (``diffusion.runs.start_config``): its architecture fields are copied from
+    its config, and the sha256 of its weights and its method (empty for an
+    ordinary denoiser, ``progressive`` for a student of an earlier stage) are
+    recorded.
+    """
+
+    kind: ClassVar[str] = "distill"
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("teacher_sha256", "teacher_method")
+
+    method: str = "progressive"  # progressive or consistency
+    teacher: str = "runs/default"  # the teacher's run folder (or one of its checkpoint folders)
+    teacher_sha256: str = ""  # pinned: the sha256 of its weights
+    teacher_method: str = ""  # pinned: "" for an ordinary denoiser, else the method of the teacher's own run
+    teacher_steps: int = 64  # progressive: the teacher's DDIM steps (trailing); the student learns half as many
+    origin_steps: int = 50  # consistency: LCM's grid of the teacher's steps (skipping step T // origin_steps)
+    guidance_min: float = 1.0
+    guidance_max: float = 4.0
+    consistency_loss: str = "huber"  # huber (pseudo-Huber, c = huber_c) or l2
+    huber_c: float = 0.001
+
+    def __post_init__(self):
+        _need(
+            bool(self.teacher_sha256),
+            "a distillation run needs its teacher pinned: start it with train.py --preset progressive|consistency "
+            "--teacher RUN (diffusion.runs.start_config)",
+        )
+        super().__post_init__()
+        _need(self.method in DISTILLATION_METHODS,
+              f"unknown method {self.method!r}; choose one of {', '.join(DISTILLATION_METHODS)}")
+        _need(self.num_classes > 0 and self.parameterization != "velocity",
+              "distillation here needs a class-conditional teacher on a noise schedule (eps, x0 or v), not a flow")
+        _need(1.0 <= self.guidance_min <= self.guidance_max,
+              f"the guidance range must have 1 <= guidance_min <= guidance_max (got {self.guidance_min}, "
+              f"{self.guidance_max})")
+        _need(self.guidance_min <= self.sample_guidance <= self.guidance_max,
+              f"sample_guidance ({self.sample_guidance}) must lie in the distilled range [{self.guidance_min}, "
+              f"{self.guidance_max}]")
+        if self.method == "progressive":
+            check_whole("teacher_steps", self.teacher_steps, 2, ConfigError)
+            _need(self.teacher_steps % 2 == 0 and self.teacher_steps <= self.num_timesteps,
+                  f"teacher_steps must be even and at most num_timesteps (got {self.teacher_steps})")
+            _need(self.num_timesteps % self.teacher_steps == 0,
+                  f"teacher_steps ({self.teacher_steps}) must divide num_timesteps ({self.num_timesteps}), so that "
+                  "the teacher's and the student's trailing grids nest")
+            _need(self.sample_steps == self.student_steps,
+                  f"a progressive student samples in teacher_steps / 2 = {self.student_steps} steps: set "
+                  f"sample_steps to {self.student_steps}")
+        else:
+            check_whole("origin_steps", self.origin_steps, 1, ConfigError)
+            _need(self.origin_steps <= self.num_timesteps,
+                  f"origin_steps must be at most num_timesteps (got {self.origin_steps})")
+            _need(self.sample_steps <= self.origin_steps,
+                  f"the lcm sampler takes at most origin_steps ({self.origin_steps}) steps (sample_steps "
+                  f"{self.sample_steps})")
+            _need(self.consistency_loss in ("huber", "l2"),
+                  f"consistency_loss must be huber or l2 (got {self.consistency_loss!r})")
+            _need(self.huber_c > 0, f"huber_c must be > 0 (got {self.huber_c}); 0.001 is LCM's")
+
+    @property
+    def unet(self) -> UNetConfig:
+        """The teacher's network, with a guidance embedding."""
+        return dataclasses.replace(super().unet, guidance_embedding=True)
+
+    @property
+    def student_steps(self) -> int:
+        """The steps the student samples in: half the teacher's (progressive), or ``sample_steps`` (consistency)."""
+        return self.teacher_steps // 2 if self.method == "progressive" else self.sample_steps
+
+    @property
+    def sampling(self) -> dict:
+        """The sampler the student was distilled for, as ``diffusion.samplers.sample``'s settings."""
+        if self.method == "progressive":
+            return dict(sampler="ddim", spacing="trailing")
+        return dict(sampler="lcm", origin_steps=self.origin_steps)
+
+
+DISTILLATION_METHODS = ("progressive", "consistency")
+
 # The settings that decide what the network computes: a checkpoint can only be
 # resumed with the same values.
 ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "compute_dtype")) + (
@@ -270,6 +360,7 @@ KIND_ARCHITECTURE_FIELDS = {
     "text": ARCHITECTURE_FIELDS + ("text_width", "text_layers", "text_heads", "max_tokens", "vocabulary"),
     "latent": ARCHITECTURE_FIELDS + ("autoencoder_sha256", "latent_scale", "latent_shape"),
     "autoencoder": tuple(f for f in AUTOENCODER_FIELDS if f != "compute_dtype"),
+    "distill": ARCHITECTURE_FIELDS + ("method", "teacher_sha256", "teacher_steps", "origin_steps"),
 }
 
 # For tests and a first look: seconds on a CPU, nothing learned.
@@ -325,6 +416,15 @@ PRESETS = {
     # Latent diffusion (LatentConfig): the U-Net on the 7×7×4 latents of --autoencoder (8×8 padded, then 4×4).
     "latent": dict(name="latent", channels=32, channel_mult=(1, 2), attention_resolutions=(4,), steps=4000),
     "latent-tiny": dict(_TINY, channel_mult=(1, 2), attention_resolutions=(4,)),
+    # Few-step students of --teacher (DistillConfig; the architecture is the teacher's). Progressive
+    # distillation halves the teacher's DDIM steps per run: 64 -> 32 here, then --teacher runs/progressive-32 ...
+    "progressive": dict(method="progressive", teacher_steps=64, sample_steps=32, steps=400, learning_rate=3e-4,
+                        warmup_steps=20, ema_decay=0.99, checkpoint_every=200, sample_every=200),
+    "progressive-tiny": dict(_RUN_TINY, method="progressive", teacher_steps=4, sample_steps=2),
+    # Consistency distillation (LCM): the EMA of the weights is the target network (decay 0.95, as LCM's).
+    "consistency": dict(method="consistency", sample_steps=4, steps=1000, learning_rate=3e-4, warmup_steps=20,
+                        ema_decay=0.95, checkpoint_every=200, sample_every=200),
+    "consistency-tiny": dict(_RUN_TINY, method="consistency", sample_steps=2, ema_decay=0.95),
 }
 
 
@@ -390,8 +490,12 @@ def _validate(c: Config):
 
 def config_class(preset: str) -> type[RunConfig]:
     """The class of a preset's config, from its name: ``TextConfig`` for text*, ``AutoencoderRunConfig`` for
-    autoencoder*, ``LatentConfig`` for latent*, ``Config`` for the others."""
-    for prefix, cls in (("text", TextConfig), ("autoencoder", AutoencoderRunConfig), ("latent", LatentConfig)):
+    autoencoder*, ``LatentConfig`` for latent*, ``DistillConfig`` for progressive* and consistency*, ``Config``
+    for the others."""
+    for prefix, cls in (
+        ("text", TextConfig), ("autoencoder", AutoencoderRunConfig), ("latent", LatentConfig),
+        ("progressive", DistillConfig), ("consistency", DistillConfig),
+    ):
         if preset.startswith(prefix):
             return cls
     return Config

@@ -13,7 +13,8 @@ them out to keep "sigma" for Karras et al.'s noise-to-signal ratio:
 
 A network can be trained to predict any of eps, x_0, v or (for flows) the
 velocity; ``to_x0_eps`` and ``from_x0_eps`` convert among them, so samplers
-never care which one a model uses.
+never care which one a model uses. A consistency model (``diffusion.distillation``)
+wraps its network's x0_hat as ``consistency_function``.
 
 All functions here are pure and traceable by JAX. Timesteps ``t`` index the
 schedule's arrays (0 .. T-1, see ``diffusion.schedules``).
@@ -180,3 +181,30 @@ def flow_interpolate(x0, noise, t):
 def flow_velocity(x0, noise):
     """d x_t / dt = eps - x_0 along the straight path: the flow-matching regression target."""
     return noise - x0
+
+
+# --- Consistency models ----------------------------------------------------------------
+#
+# LCM's boundary scalings (as in the widely used LCMScheduler): sigma_data = 0.5, and timesteps multiplied by 10
+# before they enter c_skip and c_out, so that f is the network's x0_hat at every timestep but t = 0.
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+
+
+def boundary_scalings(t, timestep_scaling: float = TIMESTEP_SCALING, sigma_data: float = SIGMA_DATA):
+    """(c_skip(t), c_out(t)) of a consistency model (Song et al. 2023, eq. 7 and App. C; LCM, Sec. 4.1).
+
+    c_skip = sigma_data^2 / ((k t)^2 + sigma_data^2), c_out = k t / sqrt((k t)^2 + sigma_data^2),
+    with k = ``timestep_scaling`` and t the timestep: c_skip(0) = 1 and c_out(0) = 0.
+    """
+    scaled = timestep_scaling * jnp.asarray(t)
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / jnp.sqrt(scaled**2 + sigma_data**2)
+    return c_skip, c_out
+
+
+def consistency_function(x0_hat, x_t, t):
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat (Song et al. 2023, eq. 7), t a scalar or one per example:
+    a network's x0_hat made into a consistency function, for which f(x, 0) = x holds exactly."""
+    c_skip, c_out = boundary_scalings(t)
+    return expand_to(c_skip, x_t) * x_t + expand_to(c_out, x_t) * x0_hat

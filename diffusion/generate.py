@@ -226,7 +226,8 @@ class Settings:
 def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     """Settings for ``checkpoint`` with the usual defaults, then ``choices`` (Settings fields) applied.
 
-    Defaults: DDIM (flow Euler for a flow-matching model), 25 steps, seed 0,
+    Defaults: DDIM (flow Euler for a flow-matching model; for a distilled student the
+    sampler, steps and guidance it was distilled for), 25 steps, seed 0,
     every class of a class-conditional model (the null label otherwise; for a
     text model the prompts ``captions.EXAMPLE_PROMPTS``), and for a conditional
     model guidance ``DEFAULT_GUIDANCE`` (a text model: ``DEFAULT_TEXT_GUIDANCE``) in
@@ -253,6 +254,11 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     # The default interval goes with guidance; an unguided run (guidance 1) has none.
     guided = choices.get("guidance", defaults["guidance"]) != 1.0
     defaults["guidance_interval"] = DEFAULT_GUIDANCE_INTERVAL if guided else None
+    if config.kind == "distill":  # the sampler, steps and guidance scale it was distilled for, no interval
+        defaults.update(
+            sampler=config.sampling["sampler"], steps=config.student_steps, spacing=config.sampling.get("spacing"),
+            guidance=config.sample_guidance, guidance_interval=None,
+        )
     return Settings(**{**defaults, **choices})
 
 
@@ -271,6 +277,24 @@ def check_settings(settings: Settings, config: Config) -> None:
         f"sampler {settings.sampler} does not fit this checkpoint, a {kind} model: use one of {', '.join(fitting)}",
     )
     _need(not (flow and settings.spacing), f"{settings.sampler} steps evenly in flow time t: give no spacing")
+    consistency = config.kind == "distill" and config.method == "consistency"
+    _need(
+        settings.sampler != "lcm" or consistency,
+        "the lcm sampler needs a consistency model (its network's x0_hat is only a consistency function if it "
+        f"was trained as one), and this checkpoint's run trained a {_trained_as(config)}: use ddim, or distil one "
+        "with train.py --preset consistency --teacher RUN",
+    )
+    if config.kind == "distill":
+        _need(
+            config.guidance_min <= settings.guidance <= config.guidance_max,
+            f"this student was distilled at guidance scales {config.guidance_min:g} to {config.guidance_max:g}: "
+            f"give a --guidance in that range (got {settings.guidance:g})",
+        )
+        _need(
+            settings.negative_label is None and settings.guidance_interval is None,
+            "a distilled student has its teacher's guidance built in: it takes no negative label and no "
+            "guidance interval",
+        )
     try:
         # The sampler's own checks: steps, spacing, zero terminal SNR.
         samplers.make_plan(settings.sampler, spacing=settings.spacing, **_model_settings(settings, config))
@@ -313,11 +337,19 @@ def check_settings(settings: Settings, config: Config) -> None:
     )
 
 
+def _trained_as(config: Config) -> str:
+    if config.kind == "distill":
+        return f"{config.method} student"
+    return f"{config.kind} model ({config.parameterization}-prediction)"
+
+
 def _model_settings(settings: Settings, config: Config) -> dict:
-    """The schedule, steps and parameterization that ``diffusion.samplers`` needs for this model."""
+    """The schedule, steps and parameterization that ``diffusion.samplers`` needs for this model (and for the
+    lcm sampler the origin grid it was distilled on)."""
     flow = config.parameterization == "velocity"
     schedule = None if flow else config.noise_schedule
-    return dict(schedule=schedule, steps=settings.steps, parameterization=config.parameterization)
+    lcm = dict(origin_steps=config.origin_steps) if settings.sampler == "lcm" and config.kind == "distill" else {}
+    return dict(schedule=schedule, steps=settings.steps, parameterization=config.parameterization, **lcm)
 
 
 # --- Inputs -------------------------------------------------------------------------------------
@@ -403,6 +435,8 @@ def guided_denoiser(model, settings: Settings, config: Config):
     compiled sampler, not constants.
     """
     denoiser, _ = as_denoiser(model)
+    if config.kind == "distill":  # the scale is an input of the network (Meng et al. 2023; LCM)
+        return guidance.embedded_guidance(denoiser, settings.guidance)
     if settings.guidance == 1.0:
         return denoiser
     if config.kind == "text":

@@ -112,3 +112,25 @@ def classifier_free_guidance(
             raise InputError(f"the guidance interval is two times (low, high) with low <= high (got {interval!r})")
         interval = (float(interval[0]), float(interval[1]))
     return Guided(denoiser, negative, float(scale), float(rescale), interval)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EmbeddedGuidance:
+    """A distilled student ``(x, t, cond) -> prediction`` at guidance scale ``scale``; build it with
+    ``embedded_guidance``. The student has learnt its teacher's guided prediction in one network call, so there
+    is no second branch: the scale is an input of the network (``diffusion.unet``'s guidance embedding)."""
+
+    denoiser: Callable  # (x, t, cond, guidance) -> prediction
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+    def __call__(self, x, t, cond):
+        return self.denoiser(x, t, cond, jnp.full(x.shape[:1], self.scale, jnp.float32))
+
+
+def embedded_guidance(denoiser, scale: float) -> EmbeddedGuidance:
+    """A guidance-distilled student (Meng et al. 2023; LCM's w-embedding, Luo et al. 2023) at the guidance scale
+    ``scale``, one network call per step whatever the scale."""
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InputError(f"the guidance scale must be a finite number (got {scale!r}); 1 means no guidance")
+    return EmbeddedGuidance(denoiser, float(scale))

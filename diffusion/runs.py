@@ -23,13 +23,17 @@ base, each by path and sha256), and what a sampler needs from it. The kinds:
                checkpoints' meta.json records the latents' scale factor
     latent     a denoiser like the first, on the latents of an autoencoder run
                that its config (``LatentConfig``) pins by path and sha256
+    distill    a few-step student of a denoiser run, its teacher, which its config
+               (``DistillConfig``) pins by path and sha256: the teacher's U-Net with
+               a guidance embedding, sampled with DDIM (progressive) or lcm (consistency)
 
 ``start_config(preset, **overrides)`` is the config of a new run, with the
 runs it depends on pinned; ``resume_config`` the saved config of a run to
 continue. ``open_checkpoint(path)`` resolves a run or checkpoint folder once,
 reads its config and hashes its weights; ``load(checkpoint)`` returns a
 generative model with its denoiser, parameterization and conditioning, and
-``load_latent_space(config, run_dir)`` a latent run's autoencoder. Every problem is a
+``load_latent_space(config, run_dir)`` a latent run's autoencoder, ``load_teacher`` a
+student's teacher. Every problem is a
 ``CheckpointError`` that says what to do.
 """
 
@@ -47,7 +51,9 @@ from flax import nnx
 from diffusion import checkpoint, configs, latent
 from diffusion.autoencoder import Autoencoder
 from diffusion.files import sha256_of
-from diffusion.configs import AutoencoderRunConfig, Config, LatentConfig, TextConfig, config_from_dict
+from diffusion.configs import (
+    AutoencoderRunConfig, Config, DistillConfig, LatentConfig, TextConfig, config_from_dict,
+)
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.text_encoder import TextUNet
 from diffusion.unet import UNet, as_denoiser
@@ -117,6 +123,10 @@ def _autoencoder_of(config: LatentConfig) -> Reference:
     return Reference("autoencoder", config.autoencoder, config.autoencoder_sha256)
 
 
+def _teacher_of(config: DistillConfig) -> Reference:
+    return Reference("teacher", config.teacher, config.teacher_sha256)
+
+
 KINDS = {
     "denoiser": Kind(
         config_from_dict=config_from_dict,
@@ -142,9 +152,15 @@ KINDS = {
         references=lambda config: (_autoencoder_of(config),),
         conditioning=_label_conditioning,
     ),
+    "distill": Kind(
+        config_from_dict=functools.partial(config_from_dict, cls=DistillConfig),
+        make_model=lambda config, rngs: UNet(config.unet, rngs=rngs),
+        references=lambda config: (_teacher_of(config),),
+        conditioning=_label_conditioning,
+    ),
 }
-TRAINABLE = ("denoiser", "text", "autoencoder", "latent")  # the kinds that train.py trains and resumes
-GENERATIVE = ("denoiser", "text", "latent")  # the kinds that sample.py and evaluate.py sample from
+TRAINABLE = ("denoiser", "text", "autoencoder", "latent", "distill")  # the kinds that train.py trains and resumes
+GENERATIVE = ("denoiser", "text", "latent", "distill")  # the kinds that sample.py and evaluate.py sample from
 
 
 # --- Checkpoints ----------------------------------------------------------------------
@@ -346,11 +362,66 @@ def open_autoencoder(path) -> tuple[Checkpoint, float]:
     return opened, scale
 
 
+# What a student copies from its teacher's config: the network and the schedule it was trained on, and its data.
+TEACHER_FIELDS = configs.ARCHITECTURE_FIELDS + ("dataset",)
+
+
+def open_teacher(path) -> Checkpoint:
+    """A teacher for distillation: a class-conditional pixel-space denoiser run on a noise schedule, or a
+    progressive student (its next stage); anything else is a ConfigError that says why."""
+    opened = open_checkpoint(path)
+    if opened.kind not in ("denoiser", "distill"):
+        raise ConfigError(
+            f"{opened.path} holds a {opened.kind} model: distillation here takes a class-conditional pixel-space "
+            "denoiser (train.py --preset cpu) or a progressive student as its teacher"
+        )
+    config = opened.config
+    if not config.num_classes or config.parameterization == "velocity":
+        raise ConfigError(f"{opened.path} is not a class-conditional model on a noise schedule (eps, x0 or v): "
+                          "distillation here needs one as its teacher")
+    if opened.kind == "distill" and config.method != "progressive":
+        raise ConfigError(f"{opened.path} is a consistency model, which samples with lcm, not DDIM: "
+                          "it cannot teach a student; use its own teacher")
+    return opened
+
+
+def _student_overrides(preset: str, overrides: dict) -> dict:
+    """A distillation run's overrides with its teacher pinned (see ``start_config``)."""
+    opened = open_teacher(overrides.get("teacher", DistillConfig.teacher))
+    teacher = opened.config
+    pinned = {field: getattr(teacher, field) for field in TEACHER_FIELDS}
+    method = overrides.get("method", configs.PRESETS[preset]["method"])
+    if opened.kind == "distill":  # the next stage of progressive distillation
+        pinned.update(teacher_steps=teacher.student_steps, guidance_min=teacher.guidance_min,
+                      guidance_max=teacher.guidance_max)
+    for field, value in pinned.items():
+        if field in overrides and overrides[field] != value:
+            raise ConfigError(f"this student has its teacher's {field} ({value!r}): leave the flag out")
+    steps = pinned.get("teacher_steps", configs.PRESETS[preset].get("teacher_steps", DistillConfig.teacher_steps))
+    steps = overrides.get("teacher_steps", steps)
+    named = {"name": f"progressive-{steps // 2}", "sample_steps": steps // 2} if method == "progressive" else {
+        "name": "consistency"}
+    return {
+        **named,
+        **pinned,
+        **overrides,
+        "teacher": str(opened.path.resolve()),
+        "teacher_sha256": opened.sha256,
+        "teacher_method": teacher.method if opened.kind == "distill" else "",
+    }
+
+
 def start_config(preset: str = "cpu", **overrides) -> Config:
-    """The config of a new run: ``configs.make_config(preset, **overrides)``, and for a latent run its
-    autoencoder pinned (``autoencoder``: a run or checkpoint folder; the checkpoint it resolves to, as an
+    """The config of a new run: ``configs.make_config(preset, **overrides)``, with the runs it depends on pinned.
+
+    A latent run's autoencoder (``autoencoder``: a run or checkpoint folder): the checkpoint it resolves to, as an
     absolute path, the sha256 of its weights, its image and latent shapes, its dataset unless given and its scale
-    factor are recorded)."""
+    factor are recorded. A distillation run's teacher (``teacher``): the checkpoint, as an absolute path, the
+    sha256 of its weights, its architecture and data (``TEACHER_FIELDS``), and for a progressive student as
+    teacher its steps (the next stage's teacher_steps) and its guidance range. The run's name, unless given, is
+    the method and the student's steps (``progressive-32``; ``consistency``)."""
+    if configs.config_class(preset) is DistillConfig:
+        overrides = _student_overrides(preset, overrides)
     if configs.config_class(preset) is LatentConfig:
         opened, scale = open_autoencoder(overrides.get("autoencoder", LatentConfig.autoencoder))
         ae = opened.config
@@ -374,3 +445,13 @@ def load_latent_space(config: LatentConfig, run_dir) -> latent.LatentSpace:
     kind, autoencoder_config = read_config(found)
     opened = Checkpoint(found, kind, autoencoder_config, config.autoencoder_sha256)
     return latent.latent_space(load_model(opened), config.latent_scale)
+
+
+# --- Distillation runs ---------------------------------------------------------------------
+
+
+def load_teacher(config: DistillConfig, run_dir) -> nnx.Module:
+    """The teacher of the distillation run in ``run_dir``: its EMA weights, checked against the pinned sha256."""
+    found = check_reference(_teacher_of(config), run_dir, run_dir)
+    kind, teacher_config = read_config(found)
+    return load_model(Checkpoint(found, kind, teacher_config, config.teacher_sha256))

@@ -7,11 +7,12 @@ function -- read it beside the paper it names -- and they all share one driver,
 compiled XLA program (``lax.scan``), or, for debugging, the same step function
 in a Python loop.
 
-The twelve samplers of the registry ``SAMPLERS`` fall into three families, by the
+The thirteen samplers of the registry ``SAMPLERS`` fall into three families, by the
 variable they step in:
 
-- ``vp`` (``ddpm``, ``ddim``, ``plms``): the DDPM sample x_t = sqrt(alpha_bar) x_0
-  + sqrt(1 - alpha_bar) eps itself, on the integer training timesteps.
+- ``vp`` (``ddpm``, ``ddim``, ``plms``, ``lcm``): the DDPM sample x_t = sqrt(alpha_bar) x_0
+  + sqrt(1 - alpha_bar) eps itself, on the integer training timesteps (``lcm`` is
+  for consistency-distilled models only, ``diffusion.distillation``).
 - ``sigma`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2m_karras``,
   ``dpmpp_2m_sde``, ``dpmpp_2m_sde_karras``):
   Karras et al.'s x = x_t / sqrt(alpha_bar) = x_0 + sigma eps, where the
@@ -41,7 +42,9 @@ from jax import lax
 
 from diffusion import forward
 from diffusion.errors import InputError, check_whole
-from diffusion.schedules import Schedule, flow_timesteps, karras_sigmas, sigma_at, timestep_at, timesteps
+from diffusion.schedules import (
+    LCM_ORIGIN_STEPS, Schedule, flow_timesteps, karras_sigmas, lcm_timesteps, sigma_at, timestep_at, timesteps,
+)
 
 # --- Grids: where the steps go, computed on the host --------------------------------
 
@@ -70,9 +73,15 @@ class SigmaGrid(NamedTuple):
     sigmas: Any  # (N + 1,)
 
 
-def vp_grid(schedule: Schedule, steps: int, spacing: str = "leading", offset: int = 0) -> VPGrid:
-    """Integer timesteps of ``diffusion.schedules.timesteps``, then one last step to alpha_bar = 1."""
-    t = timesteps(schedule, steps, spacing, offset)
+def vp_grid(
+    schedule: Schedule, steps: int, spacing: str = "leading", offset: int = 0, origin_steps: int = LCM_ORIGIN_STEPS
+) -> VPGrid:
+    """Integer timesteps of ``diffusion.schedules.timesteps`` (``lcm_timesteps`` for spacing ``lcm``, on a grid
+    of ``origin_steps``), then one last step to alpha_bar = 1."""
+    if spacing == "lcm":
+        t = lcm_timesteps(schedule, steps, origin_steps)
+    else:
+        t = timesteps(schedule, steps, spacing, offset)
     return VPGrid(t.astype(np.float64), np.append(schedule.alpha_bar[t], 1.0))
 
 
@@ -326,6 +335,25 @@ def plms_step(predict, grid, state, i, key):
     return (_ddim_transfer(x, eps_combined, alpha_bar, alpha_bar_prev), history), x0
 
 
+def lcm_step(predict, grid, state, i, key):
+    """LCM's multistep sampling (Luo et al. 2023, Alg. 3; Song et al. 2023, Alg. 1), as the LCMScheduler runs it.
+
+    The consistency function maps x_t straight to an estimate of the trajectory's origin,
+    denoised = c_skip(t) x_t + c_out(t) x0_hat (``forward.consistency_function``);
+    every step but the last then noises it afresh to the next timestep,
+    x_next = sqrt(alpha_bar_next) denoised + sqrt(1 - alpha_bar_next) z. The last
+    step returns ``denoised``, so one step is a single network call and no noise.
+    """
+    x, _ = state
+    t, alpha_bar_next = grid.timesteps[i], grid.alpha_bar[i + 1]
+    x0, _ = predict(x, t, grid.alpha_bar[i])
+    denoised = forward.consistency_function(x0, x, t)
+    if len(grid.timesteps) == 1:
+        return (denoised, None), denoised
+    renoised = jnp.sqrt(alpha_bar_next) * denoised + jnp.sqrt(1.0 - alpha_bar_next) * _normal(key, x)
+    return (jnp.where(i < len(grid.timesteps) - 1, renoised, denoised), None), denoised
+
+
 def _churn(x, grid, i, key, churn):
     """Raise the noise level from sigma to sigma_hat = (1 + gamma) sigma (Karras et al. 2022, Alg. 2, lines 4-6).
 
@@ -487,6 +515,7 @@ SAMPLERS = {
     ),
     "ddim": Sampler(ddim_step, family="vp", spacing="leading", options=(("eta", 0.0),), stochastic=_positive("eta")),
     "plms": Sampler(plms_step, family="vp", spacing="leading", history=3, calls=_plms_calls),
+    "lcm": Sampler(lcm_step, family="vp", spacing="lcm", stochastic=_always),
     "euler": Sampler(
         euler_step, family="sigma", spacing="linspace", options=(("churn", 0.0),), stochastic=_positive("churn")
     ),
@@ -557,12 +586,15 @@ def make_plan(
     shift: float | None = None,
     sigma_max: float | None = SIGMA_MAX,
     clip_x0: bool = False,
+    origin_steps: int | None = None,
     **options,
 ) -> Plan:
     """Check every setting on the host and lay out the grid; raises InputError saying what to change.
 
     ``sigma_max`` is where the sigma-space samplers start (``sigma_grid``;
     None: at the schedule's largest sigma); the other families ignore it.
+    ``origin_steps``: the grid the ``lcm`` sampler picks its timesteps from
+    (default ``LCM_ORIGIN_STEPS``; the one the model was distilled on).
     """
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -584,13 +616,18 @@ def make_plan(
         if shift is not None:
             raise InputError(f"shift applies to the flow samplers only, not {sampler!r}")
         spacing = spec.spacing if spacing is None else spacing
-        allowed = ("linspace", "leading", "trailing") + (("karras",) if spec.family == "sigma" else ())
+        if spec.spacing == "lcm":
+            allowed = ("lcm",)
+        else:
+            allowed = ("linspace", "leading", "trailing") + (("karras",) if spec.family == "sigma" else ())
         if spacing not in allowed:
             raise InputError(f"{sampler} takes spacing {', '.join(allowed)} (got {spacing!r})")
         if offset and spacing != "leading":
             raise InputError("offset applies only to 'leading' spacing")
+        if origin_steps is not None and spacing != "lcm":
+            raise InputError(f"origin_steps applies to the lcm sampler only, not {sampler!r}")
         if spec.family == "vp":
-            grid = vp_grid(schedule, steps, spacing, offset)
+            grid = vp_grid(schedule, steps, spacing, offset, origin_steps or LCM_ORIGIN_STEPS)
         else:
             grid = sigma_grid(schedule, steps, spacing, offset, sigma_max)
         _check_terminal_snr(sampler, grid, parameterization)
@@ -823,6 +860,7 @@ def sample(
     offset: int = 0,
     shift: float | None = None,
     clip_x0: bool = False,
+    origin_steps: int | None = None,
     return_trajectory: bool = False,
     python_loop: bool = False,
     **options,
@@ -836,12 +874,12 @@ def sample(
     condition per example, passed to the denoiser. spacing (default: the
     sampler's), offset (``leading`` only), shift (flows), ``sigma_max`` (where
     sigma-space samplers start, ``sigma_grid``), clip_x0 (clip x0_hat to
-    [-1, 1], off by default) and the sampler's options (``eta`` for ddim and
+    [-1, 1], off by default), origin_steps (``lcm`` only) and the sampler's options (``eta`` for ddim and
     euler_a, ``churn`` for euler and heun, ``variance`` for ddpm) shape the run;
     python_loop runs the same step in a Python loop, for debugging.
     """
     plan = make_plan(
         sampler, schedule=schedule, steps=steps, parameterization=parameterization, spacing=spacing, offset=offset,
-        shift=shift, clip_x0=clip_x0, **options,
+        shift=shift, clip_x0=clip_x0, origin_steps=origin_steps, **options,
     )
     return run(plan, denoiser, x_T, key=key, cond=cond, return_trajectory=return_trajectory, python_loop=python_loop)

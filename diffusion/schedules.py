@@ -237,6 +237,29 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "leading", offset: 
     return t.astype(np.int64)
 
 
+# LCM's origin grid: the 50 timesteps 19, 39, ..., 999 of a 1000-step schedule (its original_inference_steps).
+LCM_ORIGIN_STEPS = 50
+
+
+def origin_timesteps(num_timesteps: int, origin_steps: int = LCM_ORIGIN_STEPS) -> np.ndarray:
+    """LCM's "origin" grid, ascending: k - 1, 2k - 1, ..., origin_steps k - 1 with the skipping step
+    k = num_timesteps // origin_steps (Luo et al. 2023, Sec. 4.3): the timesteps consistency distillation
+    trains on, one teacher step of k timesteps apart."""
+    if not is_whole(origin_steps, 1) or origin_steps > num_timesteps:
+        raise InputError(f"origin_steps must be a whole number from 1 to {num_timesteps} (got {origin_steps!r})")
+    return np.arange(1, origin_steps + 1) * (num_timesteps // origin_steps) - 1
+
+
+def lcm_timesteps(schedule: Schedule, steps: int, origin_steps: int = LCM_ORIGIN_STEPS) -> np.ndarray:
+    """The timesteps of LCM's multistep sampler, from noisy to clean, as the widely used LCMScheduler lays
+    them out: ``steps`` of the ``origin_timesteps``, counted from the top at the evenly spaced indices
+    floor(i * origin_steps / steps) (4 of 50: 999, 759, 499, 259)."""
+    origin = origin_timesteps(schedule.num_timesteps, origin_steps)[::-1]
+    if not is_whole(steps, 1) or steps > origin_steps:
+        raise InputError(f"the lcm sampler takes 1 to {origin_steps} steps, its origin grid (got {steps!r})")
+    return origin[np.floor(np.linspace(0, origin_steps, steps, endpoint=False)).astype(np.int64)]
+
+
 def _log_sigmas(schedule: Schedule) -> np.ndarray:
     alpha_bar = np.maximum(schedule.alpha_bar, ALPHA_BAR_FLOOR)
     return 0.5 * np.log((1.0 - alpha_bar) / alpha_bar)

@@ -59,7 +59,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from diffusion import autoencoder, captions, checkpoint, data, files, guidance, latent, pictures, losses, runs, samplers
+from diffusion import (
+    autoencoder, captions, checkpoint, data, distillation, files, guidance, latent, pictures, losses, runs, samplers,
+)
 from diffusion.configs import Config, RunConfig, check_compatible
 from diffusion.errors import ConfigError
 from diffusion.unet import as_denoiser
@@ -90,10 +92,17 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     )
 
 
-def init_state(config: Config):
-    """A freshly initialised model: returns (graphdef, TrainState). The seed decides everything."""
+def init_state(config: Config, teacher: nnx.Module | None = None):
+    """A freshly initialised model: returns (graphdef, TrainState). The seed decides everything.
+
+    A distilled student starts from its ``teacher``'s weights (all of them but its guidance embedding, which
+    starts at zero: at first the student predicts what its unguided teacher does, at every guidance scale).
+    """
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    graphdef, params = nnx.split(runs.make_model(config, nnx.Rngs(init_key)))
+    model = runs.make_model(config, nnx.Rngs(init_key))
+    if teacher is not None:
+        nnx.update(model, nnx.state(teacher))
+    graphdef, params = nnx.split(model)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(train_key),
@@ -152,12 +161,42 @@ def objective(config: RunConfig):
     )
 
 
-def train_step(state: TrainState, x0, cond, *, graphdef, config: Config):
+def distillation_objective(config, teacher_graphdef):
+    """A distillation run's loss as ``(student, target, teacher_weights, x0, labels, key) -> scalar``
+    (``diffusion.distillation``): the target network (the EMA of the student) is used by consistency
+    distillation only; the teacher is guided by classifier-free guidance, or, a progressive student itself,
+    takes the scale as its input."""
+    schedule, parameterization = config.noise_schedule, config.parameterization
+    guidance_range = (config.guidance_min, config.guidance_max)
+
+    def loss(student, target, teacher_weights, x0, labels, key):
+        teacher = nnx.merge(teacher_graphdef, teacher_weights)
+        if config.teacher_method:
+            teacher = distillation.student_predictor(teacher, parameterization, schedule)
+        else:
+            teacher = distillation.guided_predictor(teacher, parameterization, schedule, config.num_classes)
+        student = distillation.student_predictor(student, parameterization, schedule)
+        if config.method == "progressive":
+            return distillation.progressive_loss(
+                student, teacher, x0, labels, key, schedule=schedule, teacher_steps=config.teacher_steps,
+                guidance_range=guidance_range,
+            )
+        return distillation.consistency_loss(
+            student, distillation.student_predictor(target, parameterization, schedule), teacher, x0, labels, key,
+            schedule=schedule, origin_steps=config.origin_steps, guidance_range=guidance_range,
+            loss=config.consistency_loss, huber_c=config.huber_c,
+        )
+
+    return loss
+
+
+def train_step(state: TrainState, x0, cond, teacher=None, *, graphdef, config: Config, teacher_graphdef=None):
     """One optimisation step on a batch: returns (new state, metrics). Pure; compiled by ``make_train_step``.
 
     x0: the batch's images in the model range, or for a latent run the posteriors of their latents
     (``diffusion.latent.posterior_moments``), from which the step draws them.
     cond: the batch's labels (B,), or for a text run its prompts' token ids (B, L).
+    teacher: a distillation run's teacher weights (an ``nnx.State`` of ``teacher_graphdef``), never updated.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     key_labels, key_loss, key_dropout = jax.random.split(key, 3)
@@ -175,6 +214,9 @@ def train_step(state: TrainState, x0, cond, *, graphdef, config: Config):
         model = nnx.merge(graphdef, params)
         if config.kind != "autoencoder":  # (an autoencoder has no dropout)
             model = functools.partial(model, dropout_key=key_dropout)
+        if config.kind == "distill":
+            target = nnx.merge(graphdef, state.ema)
+            return distillation_objective(config, teacher_graphdef)(model, target, teacher, x0, cond, key_loss)
         return objective(config)(model, x0, cond, key_loss)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -199,12 +241,15 @@ def make_mesh(devices: int = 0) -> Mesh:
     return Mesh(np.array(available[: devices or len(available)]), ("data",))
 
 
-def make_train_step(config: Config, graphdef, mesh: Mesh):
-    """``train_step`` compiled for ``mesh``: batch split over "data", state replicated, old state donated."""
+def make_train_step(config: Config, graphdef, mesh: Mesh, teacher_graphdef=None):
+    """``train_step`` compiled for ``mesh``: batch split over "data", state replicated, old state donated; a
+    distillation run's step takes the teacher's weights (of ``teacher_graphdef``) as a fourth, replicated
+    argument."""
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    teacher = (replicated,) if teacher_graphdef is not None else ()
     return jax.jit(
-        functools.partial(train_step, graphdef=graphdef, config=config),
-        in_shardings=(replicated, split, split),
+        functools.partial(train_step, graphdef=graphdef, config=config, teacher_graphdef=teacher_graphdef),
+        in_shardings=(replicated, split, split) + teacher,
         out_shardings=replicated,
         donate_argnums=0,
     )
@@ -283,7 +328,8 @@ def sample_grid(model, config: Config, per_class: int = 4, space: latent.LatentS
     """Samples from ``model`` through ``diffusion.samplers``, one row per class (per prompt of
     ``captions.EXAMPLE_PROMPTS`` for a text run), as a uint8 image (H, W, C).
 
-    DDIM with trailing spacing (flow Euler for flow models), ``config.sample_steps``
+    DDIM with trailing spacing (flow Euler for flow models; a distilled student's own
+    sampler, ``DistillConfig.sampling``), ``config.sample_steps``
     steps, classifier-free guidance at ``config.sample_guidance``, and the same
     starting noise every time, so grids from different steps are comparable.
     A latent run's samples are decoded by its ``space``.
@@ -297,12 +343,15 @@ def sample_grid(model, config: Config, per_class: int = 4, space: latent.LatentS
     shape = (rows * per_class, config.unet.image_size, config.unet.image_size, config.unet.in_channels)
     x_T = jax.random.normal(jax.random.key(config.seed), shape)
     denoiser, kind = as_denoiser(model)
-    if cond is not None and config.sample_guidance > 1.0:
-        denoiser = guidance.classifier_free_guidance(denoiser, config.sample_guidance, negative=negative)
-    if kind == "velocity":
+    if config.kind == "distill":  # the sampler it was distilled for; guidance is an input of the student
+        denoiser = guidance.embedded_guidance(denoiser, config.sample_guidance)
+        run = dict(schedule=config.noise_schedule, key=jax.random.key(config.seed + 1), **config.sampling)
+    elif kind == "velocity":
         run = dict(sampler="flow_euler")
     else:
         run = dict(sampler="ddim", schedule=config.noise_schedule, spacing="trailing")
+    if config.kind != "distill" and cond is not None and config.sample_guidance > 1.0:
+        denoiser = guidance.classifier_free_guidance(denoiser, config.sample_guidance, negative=negative)
     x = samplers.sample(denoiser, x_T, steps=config.sample_steps, parameterization=kind, cond=cond, **run).x
     return pictures.image_grid(np.asarray(x if space is None else space.decode(x)), ncols=per_class)
 
@@ -411,6 +460,7 @@ def train(config: Config, callback=None) -> TrainState:
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{folder} is a file, not a folder: choose another --runs-dir or --name")
     space = runs.load_latent_space(config, config.run_dir) if config.kind == "latent" else None
+    teacher = runs.load_teacher(config, config.run_dir) if config.kind == "distill" else None
     train_images, train_labels = load_training_data(config, space)
     draw = grid_of(config, space) if config.sample_every else None
     metrics_path = config.run_dir / "metrics.jsonl"
@@ -429,7 +479,7 @@ def train(config: Config, callback=None) -> TrainState:
             raise ConfigError(
                 f"{config.run_dir} already holds checkpoints; pass --resume to continue it, or choose another --name"
             )
-        graphdef, state = init_state(config)
+        graphdef, state = init_state(config, teacher)
         start = 0
         if is_main:
             config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -439,7 +489,13 @@ def train(config: Config, callback=None) -> TrainState:
         return state
 
     state = put_state(mesh, state)
-    step_fn = make_train_step(config, graphdef, mesh)
+    if teacher is not None:
+        teacher_graphdef, teacher_weights = nnx.split(teacher)
+        compiled, teacher_weights = make_train_step(config, graphdef, mesh, teacher_graphdef), put_state(
+            mesh, teacher_weights)
+        step_fn = lambda state, x, cond: compiled(state, x, cond, teacher_weights)  # noqa: E731
+    else:
+        step_fn = make_train_step(config, graphdef, mesh)
     batches = data.batches(train_images, train_labels, config.batch_size, config.seed, start_step=start)
     first_step, interval_losses, timed_steps, step_seconds = int(state.step) + 1, [], 0, 0.0
     bar = tqdm(total=config.steps, initial=int(state.step), disable=not is_main, desc=config.name, unit="step")

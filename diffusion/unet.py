@@ -27,6 +27,11 @@ A U-Net (Ronneberger et al. 2015) in the form diffusion models use (Ho et al.
   Label ``num_classes`` is the extra "null" label; training replaces real labels
   by it with a small probability, so one model serves classifier-free guidance
   (Ho & Salimans 2021).
+- A distilled student (``guidance_embedding``) is also given the guidance scale s
+  that its teacher was guided with: w = s - 1, times ``GUIDANCE_TIME_SCALE``, is
+  embedded like a timestep and added to the timestep's features through a
+  bias-free linear map that starts at zero (LCM's w-embedding, Luo et al. 2023,
+  Sec. 4.2; Meng et al. 2023 condition on w the same way).
 - The residual branches, the attention output and the output convolution start
   at zero (Dhariwal & Nichol 2021 do the same), so at initialisation every
   block is the identity and the network predicts 0.
@@ -59,6 +64,7 @@ from diffusion.errors import ConfigError, InputError, check_whole, is_whole
 from diffusion.forward import PARAMETERIZATIONS
 
 FLOW_TIME_SCALE = 1000.0
+GUIDANCE_TIME_SCALE = 1000.0  # w = s - 1 is multiplied by this before its sinusoidal embedding (as LCM's)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -226,6 +232,8 @@ class UNetConfig:
         parameterization: what the output means: "eps", "x0", "v" or (flow models) "velocity".
         context_dim: width of the text encoder's tokens, read by cross-attention after every
             self-attention (and a pooled vector added to the time embedding); 0 = no text.
+        guidance_embedding: the network also takes a guidance scale (a distilled student,
+            ``diffusion.distillation``), embedded like the timestep and added to its features.
         compute_dtype: "float32", or "bfloat16" for matmuls and convolutions on accelerators
             (parameters, normalisation and softmax stay float32).
     """
@@ -242,6 +250,7 @@ class UNetConfig:
     norm_groups: int = 8
     parameterization: str = "eps"
     context_dim: int = 0
+    guidance_embedding: bool = False
     compute_dtype: str = "float32"
 
     def __post_init__(self):
@@ -262,8 +271,11 @@ class UNetConfig:
 
 
 # The UNetConfig fields, in order, that the training config has a field of each name for; a text model's
-# context_dim is its text encoder's width (diffusion.configs.TextConfig).
-UNET_FIELDS = tuple(f.name for f in dataclasses.fields(UNetConfig) if f.name != "context_dim")
+# context_dim is its text encoder's width (diffusion.configs.TextConfig), and only a distilled student has a
+# guidance embedding (diffusion.configs.DistillConfig).
+UNET_FIELDS = tuple(
+    f.name for f in dataclasses.fields(UNetConfig) if f.name not in ("context_dim", "guidance_embedding")
+)
 
 
 class UNet(nnx.Module):
@@ -283,6 +295,10 @@ class UNet(nnx.Module):
 
         emb_dim = 4 * c.channels
         self.time_mlp1 = nnx.Linear(c.channels, emb_dim, dtype=dtype, rngs=rngs)
+        self.guidance_proj = (
+            nnx.Linear(c.channels, c.channels, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=rngs)
+            if c.guidance_embedding else None
+        )
         self.time_mlp2 = nnx.Linear(emb_dim, emb_dim, dtype=dtype, rngs=rngs)
         self.label_emb = nnx.Embed(c.num_classes + 1, emb_dim, rngs=rngs) if c.num_classes else None
         self.context_dim = c.context_dim
@@ -323,12 +339,13 @@ class UNet(nnx.Module):
             widths[0], c.in_channels, (3, 3), dtype=dtype, kernel_init=nnx.initializers.zeros, rngs=rngs
         )
 
-    def __call__(self, x, t, labels=None, *, context=None, dropout_key=None):
+    def __call__(self, x, t, labels=None, *, context=None, guidance=None, dropout_key=None):
         """The prediction (of kind ``self.parameterization``) for noisy images x at times t.
 
         x: (B, H, W, C); t: (B,) or scalar floats (see the module docstring);
         labels: (B,) ints in 0 .. num_classes, None for the null label (unconditional);
         context: a prompt's ``diffusion.attention.Context`` when ``context_dim`` > 0;
+        guidance: (B,) or scalar guidance scales s when ``guidance_embedding`` (a distilled student);
         dropout_key: a PRNG key during training, None (no dropout) for sampling.
         """
         B, H, W, C = x.shape
@@ -346,8 +363,19 @@ class UNet(nnx.Module):
                 else "this U-Net reads no text (context_dim=0); call it with context=None"
             )
 
+        if (guidance is None) != (self.guidance_proj is None):
+            raise InputError(
+                "this U-Net is a distilled student that takes the guidance scale it was distilled at: pass guidance"
+                if self.guidance_proj is not None
+                else "this U-Net takes no guidance scale (it is not a distilled student); call it with guidance=None"
+            )
+
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (B,))
-        emb = self.time_mlp2(nnx.silu(self.time_mlp1(timestep_embedding(t * self.time_scale, self.channels))))
+        features = timestep_embedding(t * self.time_scale, self.channels)
+        if self.guidance_proj is not None:
+            w = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (B,)) - 1.0
+            features = features + self.guidance_proj(timestep_embedding(w * GUIDANCE_TIME_SCALE, self.channels))
+        emb = self.time_mlp2(nnx.silu(self.time_mlp1(features)))
         if self.label_emb is not None:
             labels = jnp.full((B,), self.num_classes) if labels is None else jnp.asarray(labels)
             emb = emb + self.label_emb(labels)
@@ -438,8 +466,9 @@ def _check(c: UNetConfig):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _denoise(graphdef, state, x, t, cond=None):
-    return nnx.merge(graphdef, state)(x, t, cond)
+def _denoise(graphdef, state, x, t, cond=None, guidance=None):
+    model = nnx.merge(graphdef, state)
+    return model(x, t, cond) if guidance is None else model(x, t, cond, guidance=guidance)
 
 
 def as_denoiser(model: UNet):
@@ -449,8 +478,9 @@ def as_denoiser(model: UNet):
     compiled once per architecture and input shape; ``t`` is the model's time
     (a possibly fractional timestep of the schedule, or flow time in [0, 1])
     and ``cond`` the class labels (``model.num_classes`` or None for the null
-    label). It is a ``jax.tree_util.Partial`` holding the weights as pytree
-    leaves, so a sampler's compiled program takes them as arguments rather
+    label); a distilled student's also takes ``guidance``, its guidance scale
+    (``diffusion.guidance.embedded_guidance`` binds it). It is a
+    ``jax.tree_util.Partial`` holding the weights as pytree leaves, so a sampler's compiled program takes them as arguments rather
     than baking them in. The parameterization says how to read the prediction.
     """
     graphdef, state = nnx.split(model)

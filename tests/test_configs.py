@@ -35,7 +35,8 @@ def test_bad_config_values_fail_with_a_message(change, message):
 
 def test_the_network_settings_are_one_unet_config():
     config = configs.make_config("tiny")
-    assert [f.name for f in dataclasses.fields(UNetConfig) if f.name != "context_dim"] == list(UNET_FIELDS)
+    outside = ("context_dim", "guidance_embedding")  # set by TextConfig and DistillConfig
+    assert [f.name for f in dataclasses.fields(UNetConfig) if f.name not in outside] == list(UNET_FIELDS)
     assert config.unet.context_dim == 0  # a text model's comes from its encoder: see the text config's test
     assert config.unet == UNetConfig(**{name: getattr(config, name) for name in UNET_FIELDS})
     assert config.unet.widths == [8, 16] and config.unet.resolutions == [28, 14]

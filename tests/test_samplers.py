@@ -215,8 +215,8 @@ def test_grids_and_nfe_follow_the_common_implementations():
     np.testing.assert_allclose(flow.grid.sigmas, [1.0, 0.9, 0.75, 0.5, 0.0])  # 3t / (1 + 2t)
     nfe = {name: plan(name).nfe for name in samplers.SAMPLERS if not name.startswith("flow")}
     assert nfe == dict(
-        ddpm=10, ddim=10, plms=11, euler=10, euler_a=10, heun=19, dpmpp_2m=10, dpmpp_2m_karras=10, dpmpp_2m_sde=10,
-        dpmpp_2m_sde_karras=10,
+        ddpm=10, ddim=10, plms=11, lcm=10, euler=10, euler_a=10, heun=19, dpmpp_2m=10, dpmpp_2m_karras=10,
+        dpmpp_2m_sde=10, dpmpp_2m_sde_karras=10,
     )
     assert make_plan("flow_heun", schedule=None, steps=10, parameterization="velocity").nfe == 19
 
