@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+import numpy as np
 from pathlib import Path
 from typing import ClassVar
 
 from diffusion import data, tokenizer
 from diffusion.autoencoder import RECONSTRUCTION_LOSSES, AutoencoderConfig
 from diffusion.errors import ConfigError, check_whole
-from diffusion.schedules import BETA_SCHEDULES, Schedule
+from diffusion.schedules import BETA_SCHEDULES, Schedule, timesteps
 from diffusion.text_encoder import TextEncoderConfig
 from diffusion.unet import UNET_FIELDS, UNetConfig
 
@@ -310,9 +312,10 @@ class DistillConfig(Config):
             check_whole("teacher_steps", self.teacher_steps, 2, ConfigError)
             _need(self.teacher_steps % 2 == 0 and self.teacher_steps <= self.num_timesteps,
                   f"teacher_steps must be even and at most num_timesteps (got {self.teacher_steps})")
-            _need(self.num_timesteps % self.teacher_steps == 0,
-                  f"teacher_steps ({self.teacher_steps}) must divide num_timesteps ({self.num_timesteps}), so that "
-                  "the teacher's and the student's trailing grids nest")
+            trailing = (timesteps(self.noise_schedule, n, "trailing") for n in (self.teacher_steps, self.student_steps))
+            _need(np.array_equal(next(trailing)[::2], next(trailing)),
+                  f"with teacher_steps {self.teacher_steps} the student's trailing grid is not every other timestep "
+                  "of the teacher's: choose a power of two, or another number of steps whose grids nest")
             _need(self.sample_steps == self.student_steps,
                   f"a progressive student samples in teacher_steps / 2 = {self.student_steps} steps: set "
                   f"sample_steps to {self.student_steps}")
