@@ -23,7 +23,7 @@ import numpy as np
 from pathlib import Path
 from typing import ClassVar
 
-from diffusion import data, tokenizer
+from diffusion import data, distillation, tokenizer
 from diffusion.autoencoder import RECONSTRUCTION_LOSSES, AutoencoderConfig
 from diffusion.errors import ConfigError, check_whole
 from diffusion.schedules import BETA_SCHEDULES, Schedule, timesteps
@@ -298,8 +298,8 @@ class DistillConfig(Config):
             "--teacher RUN (diffusion.runs.start_config)",
         )
         super().__post_init__()
-        _need(self.method in DISTILLATION_METHODS,
-              f"unknown method {self.method!r}; choose one of {', '.join(DISTILLATION_METHODS)}")
+        _need(self.method in distillation.METHODS,
+              f"unknown method {self.method!r}; choose one of {', '.join(distillation.METHODS)}")
         _need(self.num_classes > 0 and self.parameterization != "velocity",
               "distillation here needs a class-conditional teacher on a noise schedule (eps, x0 or v), not a flow")
         _need(1.0 <= self.guidance_min <= self.guidance_max,
@@ -326,8 +326,9 @@ class DistillConfig(Config):
             _need(self.sample_steps <= self.origin_steps,
                   f"the lcm sampler takes at most origin_steps ({self.origin_steps}) steps (sample_steps "
                   f"{self.sample_steps})")
-            _need(self.consistency_loss in ("huber", "l2"),
-                  f"consistency_loss must be huber or l2 (got {self.consistency_loss!r})")
+            _need(self.consistency_loss in distillation.CONSISTENCY_LOSSES,
+                  f"consistency_loss must be one of {', '.join(distillation.CONSISTENCY_LOSSES)} "
+                  f"(got {self.consistency_loss!r})")
             _need(self.huber_c > 0, f"huber_c must be > 0 (got {self.huber_c}); 0.001 is LCM's")
 
     @property
@@ -347,8 +348,6 @@ class DistillConfig(Config):
             return dict(sampler="ddim", spacing="trailing")
         return dict(sampler="lcm", origin_steps=self.origin_steps)
 
-
-DISTILLATION_METHODS = ("progressive", "consistency")
 
 # The settings that decide what the network computes: a checkpoint can only be
 # resumed with the same values.
