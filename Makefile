@@ -29,8 +29,11 @@ demo: $(STAMP)
 	fi
 	$(BIN)/python sample.py
 
+# Two worker processes (pytest-xdist), each test file on one of them so that a file's shared fixtures (a tiny
+# trained model) are made once: the notebooks run on one worker while the other takes the rest.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Re-run every notebook in full mode and store its outputs (figures) in place.
 notebooks: $(STAMP)

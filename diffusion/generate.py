@@ -287,8 +287,10 @@ def check_settings(settings: Settings, config: Config) -> None:
     if config.kind == "distill":
         _need(
             config.guidance_min <= settings.guidance <= config.guidance_max,
-            f"this student was distilled at guidance scales {config.guidance_min:g} to {config.guidance_max:g}: "
-            f"give a --guidance in that range (got {settings.guidance:g})",
+            (f"this student was distilled at guidance scale {config.guidance_min:g} only: leave --guidance out "
+             if config.guidance_min == config.guidance_max else
+             f"this student was distilled at guidance scales {config.guidance_min:g} to {config.guidance_max:g}: "
+             "give a --guidance in that range ") + f"(got {settings.guidance:g})",
         )
         _need(
             settings.negative_label is None and settings.guidance_interval is None,

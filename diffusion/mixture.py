@@ -179,6 +179,56 @@ def exact_denoiser(mixture: GaussianMixture, schedule: Schedule, parameterizatio
     return denoiser
 
 
+def ode_origin(mixture: GaussianMixture, schedule: Schedule, x, t, steps: int = 400):
+    """Where the probability-flow ODE trajectory through x at integer timestep t ends (t one per example, or
+    one for all): the exact consistency function f(x_t, t) of Song et al. 2023, Sec. 3.
+
+    In the variance-exploding variable y = x / sqrt(alpha_bar) the ODE is dy / d log sigma = y - D(y, sigma)
+    (Karras et al. 2022, eq. 4, with D the posterior mean); classic RK4 with ``steps`` steps in log sigma takes
+    it from sigma_t to the schedule's smallest sigma, and the last jump is to D there, as every sampler's final
+    step is. Unconditional (all components).
+    """
+    sigmas = jnp.asarray(schedule.sigmas, x.dtype)
+    sigma_min = sigmas[0]
+    t = jnp.broadcast_to(jnp.asarray(t), x.shape[:1])
+
+    def denoised(y, sigma):
+        a = 1.0 / jnp.sqrt(1.0 + sigma**2)
+        return posterior_mean(mixture, y * a[:, None], a, sigma * a)
+
+    def slope(y, u):
+        return y - denoised(y, jnp.exp(u))
+
+    start = jnp.log(sigmas[t])
+    h = (jnp.log(sigma_min) - start) / steps
+
+    def rk4(n, y):
+        u = start + n * h
+        k1 = slope(y, u)
+        k2 = slope(y + (h / 2)[:, None] * k1, u + h / 2)
+        k3 = slope(y + (h / 2)[:, None] * k2, u + h / 2)
+        k4 = slope(y + h[:, None] * k3, u + h)
+        return y + (h / 6)[:, None] * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    alpha_bar = jnp.asarray(schedule.alpha_bar, x.dtype)[t]
+    y = jax.lax.fori_loop(0, steps, rk4, x / jnp.sqrt(alpha_bar)[:, None])
+    return denoised(y, jnp.full(x.shape[:1], sigma_min))
+
+
+def exact_consistency_model(mixture: GaussianMixture, schedule: Schedule):
+    """A perfect consistency-distilled model, as an x0-prediction ``(x, t, cond) -> x0_hat`` on integer
+    timesteps: the x0_hat that ``forward.consistency_function`` turns into ``ode_origin`` exactly (where
+    c_out(t) > 0), what a student trained to perfection on this mixture would predict."""
+
+    def denoiser(x, t, cond=None):
+        t = jnp.broadcast_to(jnp.asarray(t), x.shape[:1])
+        c_skip, c_out = forward.boundary_scalings(t)
+        origin = ode_origin(mixture, schedule, x, jnp.round(t).astype(jnp.int32))
+        return (origin - c_skip[:, None] * x) / c_out[:, None]
+
+    return denoiser
+
+
 def exact_flow_velocity(mixture: GaussianMixture):
     """The optimal rectified-flow model, ``(x, t, cond) -> velocity`` for t in (0, 1].
 

@@ -9,7 +9,8 @@ real figures.
 (``runs/default``, written by ``make demo``) when there is one, and otherwise
 trains what it needs, tiny in fast mode; ``trained_text_model()`` likewise
 for the text model (``runs/text``), ``trained_latent_model()`` for the latent
-model (``runs/latent``) and its autoencoder (``runs/autoencoder``).
+model (``runs/latent``) and its autoencoder (``runs/autoencoder``), ``trained_student()`` for the
+few-step students of the main job's model (``runs/consistency``, ``runs/progressive-N``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _trained_run(run_name: str, preset: str, tiny_preset: str, fast: bool, **ove
     run_dir = runs_dir() / run_name
     if checkpoint.latest(runs.checkpoint_dir(run_dir)) is None:
         if fast:
-            name, steps = f"notebook-{tiny_preset}", FAST_TRAINING_STEPS
+            name, steps = f"notebook-{run_name}", FAST_TRAINING_STEPS
             choices = dict(preset=tiny_preset, name=name, steps=steps, sample_every=0)
         else:
             choices = dict(preset=preset, name=run_name)
@@ -72,8 +73,31 @@ def trained_model(fast: bool = FAST):
     """``(model, config)``: the main job's EMA model if ``runs/default`` has a checkpoint, else one trained now.
 
     Without a checkpoint, fast mode trains the ``tiny`` preset for a few steps
-    (``runs/notebook-tiny``); full mode trains the ``cpu`` preset into
+    (``runs/notebook-default``); full mode trains the ``cpu`` preset into
     ``runs/default``, exactly as the main job would.
     """
     loaded = _trained("default", "cpu", "tiny", fast)
     return loaded.model, loaded.config
+
+
+# The first stage of progressive distillation: the student of 64 teacher steps samples in 32 (4 -> 2 in fast mode).
+FIRST_PROGRESSIVE_STEPS = {False: 32, True: 2}
+
+
+def trained_student(method: str, steps: int | None = None, fast: bool = FAST) -> runs.Loaded:
+    """A few-step student of ``trained_model``'s teacher, loaded: ``runs/consistency`` for ``method`` consistency
+    (``train.py --preset consistency``), or for progressive the stage ``runs/progressive-<steps>`` (default: the
+    first, 32 steps), with every stage before it trained first if absent (``train.py --preset progressive
+    --teacher`` the previous one). Fast mode trains the tiny presets for a few steps (stages 2 and 1)."""
+    teacher = _trained_run("default", "cpu", "tiny", fast)
+    if method == "consistency":
+        return runs.load(_trained_run("consistency", "consistency", "consistency-tiny", fast, teacher=str(teacher)))
+    preset = "progressive-tiny" if fast else "progressive"
+    stage = FIRST_PROGRESSIVE_STEPS[fast]
+    steps = stage if steps is None else steps
+    if steps not in [stage >> k for k in range(stage.bit_length())]:
+        raise ValueError(f"the progressive stages sample in {stage}, {stage // 2}, ..., 1 steps (got {steps})")
+    while stage >= steps:
+        teacher = _trained_run(f"progressive-{stage}", preset, preset, fast, teacher=str(teacher))
+        stage //= 2
+    return runs.load(teacher)

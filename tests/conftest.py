@@ -9,19 +9,22 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
-_REPORTS = []
-
-
 @pytest.fixture
-def report():
-    """``report(title, text)``: print ``text`` under ``title`` in pytest's summary at the end of the run."""
-    return lambda title, text: _REPORTS.append((title, text))
+def report(request):
+    """``report(title, text)``: print ``text`` under ``title`` in pytest's summary at the end of the run. Kept
+    with the test's result (``user_properties``), which pytest-xdist's workers send back to the main process."""
+    return lambda title, text: request.node.user_properties.append(("report", (title, text)))
 
 
 def pytest_terminal_summary(terminalreporter):
-    for title, text in _REPORTS:
-        terminalreporter.write_sep("-", title)
-        terminalreporter.write_line(text)
+    for results in terminalreporter.stats.values():
+        for result in results:
+            if getattr(result, "when", None) != "call":
+                continue
+            for key, value in result.user_properties:
+                if key == "report":
+                    terminalreporter.write_sep("-", value[0])
+                    terminalreporter.write_line(value[1])
 
 
 def leaves_equal(a, b):

@@ -79,7 +79,9 @@ def progressive_run(runs_dir, teacher_run):
 
 @pytest.fixture(scope="module")
 def consistency_run(runs_dir, teacher_run):
-    config = runs.start_config("consistency-tiny", runs_dir=str(runs_dir), teacher=str(teacher_run[0].run_dir))
+    # A range of scales here (the presets distil one), so that the per-example scale is exercised too.
+    config = runs.start_config("consistency-tiny", runs_dir=str(runs_dir), teacher=str(teacher_run[0].run_dir),
+                               guidance_min=1.0, guidance_max=4.0)
     return config, training.train(config)
 
 
@@ -161,6 +163,7 @@ def test_students_sample_with_the_sampler_they_were_distilled_for(consistency_ru
         (teacher_run[0].run_dir, ("--sampler", "lcm"), "the lcm sampler needs a consistency model"),
         (progressive_run[0].run_dir, ("--sampler", "lcm"), "trained a progressive student"),
         (consistency_run[0].run_dir, ("--guidance", 7), "distilled at guidance scales 1 to 4"),
+        (progressive_run[0].run_dir, ("--guidance", 3), "distilled at guidance scale 1.5 only"),
         (consistency_run[0].run_dir, ("--negative-label", 2), "takes no negative label"),
     ):
         assert _sample("--checkpoint", checkpoint_dir, "--out", tmp_path / "b.png", *flags) == 2

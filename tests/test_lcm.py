@@ -1,16 +1,16 @@
 """The LCM sampler and the consistency function, proven on the exact Gaussian mixture.
 
 The exact denoiser gives the exact probability-flow ODE, so it gives a perfect consistency
-function too: f(x_t, t) = the origin of the ODE trajectory through x_t (solved here in
-float64). Wrapped as an x0-prediction through c_skip / c_out, it must make the LCM sampler
-return the ODE's solution in one step and, in several, what an independent loop computes.
+function too: f(x_t, t) = the origin of the ODE trajectory through x_t (``mixture.ode_origin``,
+RK4 in float64). Wrapped as an x0-prediction through c_skip / c_out
+(``mixture.exact_consistency_model``), it must make the LCM sampler return the ODE's solution
+(scipy's, independently) in one step and, in several, what an independent loop computes.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from diffusion import forward, metrics, mixture
 from diffusion.errors import InputError
@@ -19,49 +19,6 @@ from diffusion.schedules import Schedule, lcm_timesteps, origin_timesteps
 
 SCHEDULE = Schedule("linear", 1000)
 RING = mixture.ring_mixture()
-RK4_STEPS = 400
-
-
-def _origin(ring, x, t):
-    """The origin of the probability-flow ODE trajectory through x at integer timestep t (one per example):
-    RK4 in log sigma on dy/d log sigma = y - D(y, sigma), y = x / sqrt(alpha_bar), down to the schedule's
-    sigma_min, then the last jump to D there (what every sampler does at its final step)."""
-    sigmas = jnp.asarray(SCHEDULE.sigmas)
-    sigma_min = sigmas[0]
-
-    def denoised(y, sigma):
-        a = 1.0 / jnp.sqrt(1.0 + sigma**2)
-        return mixture.posterior_mean(ring, y * a[:, None], a, sigma * a)
-
-    def slope(y, u):
-        return y - denoised(y, jnp.exp(u))
-
-    start, end = jnp.log(sigmas[t]), jnp.log(sigma_min)
-    h = (end - start) / RK4_STEPS
-    alpha_bar = jnp.asarray(SCHEDULE.alpha_bar)[t]
-
-    def rk4(n, y):
-        u = start + n * h
-        k1 = slope(y, u)
-        k2 = slope(y + (h / 2)[:, None] * k1, u + h / 2)
-        k3 = slope(y + (h / 2)[:, None] * k2, u + h / 2)
-        k4 = slope(y + h[:, None] * k3, u + h)
-        return y + (h / 6)[:, None] * (k1 + 2 * k2 + 2 * k3 + k4)
-
-    y = lax.fori_loop(0, RK4_STEPS, rk4, x / jnp.sqrt(alpha_bar)[:, None])
-    return denoised(y, jnp.full(x.shape[:1], sigma_min))
-
-
-def perfect_consistency_model(ring):
-    """An x0-prediction denoiser whose consistency function is exactly _origin (where c_out > 0)."""
-
-    def denoiser(x, t, cond):
-        t = jnp.broadcast_to(jnp.asarray(t), x.shape[:1])
-        c_skip, c_out = forward.boundary_scalings(t)
-        origin = _origin(ring, x, jnp.round(t).astype(jnp.int32))
-        return (origin - c_skip[:, None] * x) / c_out[:, None]
-
-    return denoiser
 
 
 def test_lcm_timesteps_are_the_lcm_schedulers():
@@ -90,7 +47,7 @@ def test_one_lcm_step_with_a_perfect_consistency_function_is_the_ode_solution():
     with jax.enable_x64(True):
         ring = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if a.dtype.kind == "f" else a, RING)
         x_T = jax.random.normal(jax.random.key(0), (32, 2), jnp.float64)
-        result = sample(perfect_consistency_model(ring), x_T, sampler="lcm", schedule=SCHEDULE, steps=1,
+        result = sample(mixture.exact_consistency_model(ring, SCHEDULE), x_T, sampler="lcm", schedule=SCHEDULE, steps=1,
                         parameterization="x0", key=jax.random.key(1))
         assert result.nfe == 1 and result.x.dtype == jnp.float64
         # The independent reference: scipy's adaptive solver from the schedule's last timestep (test_samplers).
@@ -104,13 +61,13 @@ def test_lcm_multistep_with_a_perfect_consistency_function_matches_a_reference_l
         ring = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if a.dtype.kind == "f" else a, RING)
         x_T = jax.random.normal(jax.random.key(2), (32, 2), jnp.float64)
         key = jax.random.key(3)
-        result = sample(perfect_consistency_model(ring), x_T, sampler="lcm", schedule=SCHEDULE, steps=4,
+        result = sample(mixture.exact_consistency_model(ring, SCHEDULE), x_T, sampler="lcm", schedule=SCHEDULE, steps=4,
                         parameterization="x0", key=key, return_trajectory=True)
         # Luo et al. 2023, Alg. 3, written out: origin, then noise to the next timestep, from the same per-step keys.
         timesteps = [999, 759, 499, 259]
         x = x_T
         for i, t in enumerate(timesteps):
-            origin = _origin(ring, x, jnp.full(x.shape[:1], t))
+            origin = mixture.ode_origin(ring, SCHEDULE, x, t)
             if i + 1 < len(timesteps):
                 alpha_bar = SCHEDULE.alpha_bar[timesteps[i + 1]]
                 noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
@@ -127,8 +84,8 @@ def test_lcm_with_a_perfect_consistency_function_draws_the_mixture():
         baseline, _ = mixture.sample(ring, jax.random.key(6), 1000)
         floor = metrics.sliced_wasserstein(baseline, truth)
         for steps in (1, 4):
-            x = sample(perfect_consistency_model(ring), x_T, sampler="lcm", schedule=SCHEDULE, steps=steps,
-                       parameterization="x0", key=jax.random.key(7)).x
+            x = sample(mixture.exact_consistency_model(ring, SCHEDULE), x_T, sampler="lcm", schedule=SCHEDULE,
+                       steps=steps, parameterization="x0", key=jax.random.key(7)).x
             assert metrics.sliced_wasserstein(x, truth) < 2 * floor + 0.02, steps
 
 

@@ -224,7 +224,7 @@ def test_grids_and_nfe_follow_the_common_implementations():
 def _reference_plms(eps_model, schedule, x, steps, offset):
     """PLMS as the widely used PNDM scheduler with "skip PRK steps" runs it: a counter-driven loop over
     the timesteps [t0, t1, t1, t2, ...], written independently of diffusion.samplers, in float64."""
-    T, ratio = schedule.num_timesteps, schedule.num_timesteps // steps
+    ratio = schedule.num_timesteps // steps
     ts = np.arange(steps) * ratio + offset
     plms_ts = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]
     alpha_bar = lambda t: schedule.alpha_bar[t] if t >= 0 else 1.0  # noqa: E731
