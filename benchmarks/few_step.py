@@ -10,8 +10,9 @@ floor), precision and recall:
 - each consistency student with ``lcm`` at 1, 2, 4 and 8 steps, each progressive
   student with DDIM at the steps it was distilled for, all at the guidance scale
   ``--guidance`` (an input of the students: one network call per step);
-- the teacher (the first student's) with DDIM and DPM++ 2M at 1, 2, 4 and 8 steps
-  and at 25, guided at the same scale at every step, the map the students
+- the teacher (the first student's) with DDIM (trailing spacing, the students'
+  grids) and DPM++ 2M at 1, 2, 4 and 8 steps and at 25, guided at the same scale
+  at every step, the map the students
   learnt (its guided call is two network evaluations on a doubled batch, counted
   once, as everywhere here); and at its own default settings (guidance interval).
 
@@ -70,8 +71,8 @@ def main(argv=None):
         config, name = student.config, student.run_name
         steps = STEPS if config.method == "consistency" else (config.student_steps,)
         rows += [run(student, args.n, name, steps=s, guidance=args.guidance) for s in steps]
-    for sampler in ("ddim", "dpmpp_2m"):
-        rows += [run(teacher, args.n, "teacher", sampler=sampler, steps=s, guidance=args.guidance,
+    for sampler, spacing in (("ddim", "trailing"), ("dpmpp_2m", None)):  # DDIM on the students' grids
+        rows += [run(teacher, args.n, "teacher", sampler=sampler, spacing=spacing, steps=s, guidance=args.guidance,
                      guidance_interval=None) for s in TEACHER_STEPS]
     rows.append(run(teacher, args.n, "teacher (its defaults)", steps=25))
     minutes = (time.perf_counter() - started) / 60
@@ -88,7 +89,7 @@ def main(argv=None):
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {100 * r['sampling_s'] / r['n']:.1f} "
+            f"| {r['model']} | {r['sampler']} ({r['spacing']}) | {r['steps']} | {r['nfe']} | {100 * r['sampling_s'] / r['n']:.1f} "
             f"| {r['accuracy']:.1%} | {r['fid']:.1f} | {r['fid'] / reference['fid'] - 1:+.0%} | {r['precision']:.2f} "
             f"| {r['recall']:.2f} |"
         )
