@@ -13,6 +13,7 @@ bit for bit. Examples:
     python sample.py --init-image digit.png --mask mask.png             # inpaint where the mask is white
     python sample.py --trajectory --n 1               # + a strip of x_t and predicted x0, and a GIF
     python sample.py --from-png outputs/some-grid.png --out again/
+    python sample.py --watermark-key 1234 --seed 0-9 --label 3    # Tree-Ring watermark (detect.py finds it)
 
 The library behind it is diffusion/generate.py; the flags it shares with evaluate.py are in diffusion/cli.py.
 """
@@ -64,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="also write a strip of x_t and predicted x0 over the steps, and a GIF of the denoising",
     )
+    cli.watermark_flags(parser)
     flag("--from-png", metavar="IMAGE", help="make the files of a PNG written by sample.py again, from its settings")
     flag(
         "--out", default="outputs", help="a folder (files named after the settings) or a .png path (default: outputs/)"
@@ -74,8 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace) -> tuple[generate.Settings, runs.Checkpoint | None]:
     """The Settings that the command line asks for (the flags given, over the checkpoint's defaults), and the
     checkpoint opened to make them (None with --from-png: ``generate`` opens the one the settings name)."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "out"}
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "out" and not k.startswith("watermark")}
+    if args.watermark_key is not None:
+        given["watermarked"] = True
     if "from_png" in given:
+        given.pop("watermarked", None)  # the PNG says whether it is marked; its key is the one flag it cannot hold
         others = [f"--{k.replace('_', '-')}" for k in given if k != "from_png"]
         if others:
             raise UsageError(f"--from-png takes every setting from the image; leave out {', '.join(others)}")
@@ -124,7 +129,8 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     settings, checkpoint = settings_from_args(args)
     checkpoint = checkpoint or runs.open_checkpoint(settings.checkpoint)
-    generation = generate.generate(settings, checkpoint=checkpoint, progress=True)
+    key = cli.watermark_key(args)
+    generation = generate.generate(settings, checkpoint=checkpoint, progress=True, watermark_key=key)
     out = Path(args.out)
     paths = generate.save(
         generation, settings, out if out.suffix.lower() == ".png" else out / default_name(settings, checkpoint)

@@ -16,7 +16,7 @@ import dataclasses
 import re
 import sys
 
-from diffusion import configs, runs, samplers
+from diffusion import configs, runs, samplers, watermark
 from diffusion.errors import InputError, UsageError
 
 
@@ -156,3 +156,29 @@ def sampling_flags(description: str) -> Parser:
     )
     flag("--batch-size", type=int, help="images per compiled batch (default: 64)")
     return parser
+
+
+def watermark_flags(parser: Parser) -> None:
+    """The flags that make a Tree-Ring key (``diffusion.watermark.Key``): sample.py marks with it, detect.py
+    looks for it; both must be given the same."""
+    flag = parser.add_argument
+    flag("--watermark-key", type=int, metavar="SEED", help="the secret seed of a Tree-Ring watermark key")
+    flag("--watermark-pattern", choices=watermark.PATTERNS, help="the key's pattern (default: random)")
+    flag("--watermark-radius", type=float, help="the outer radius of the key's band of frequencies (default: 3/7 "
+         "of the side, 12 for 28×28)")
+    flag("--watermark-inner-radius", type=float, help="its inner radius (default: 2/7 of the side, 8 for 28×28; "
+         "0: the paper's disc)")
+    flag("--watermark-channel", type=int, help="the channel of the noise the key is in (default: 0)")
+
+
+def watermark_key(args: argparse.Namespace) -> watermark.Key | None:
+    """The key that ``watermark_flags`` describe, or None if no --watermark-key was given (then the other
+    watermark flags are an error)."""
+    given = {name: getattr(args, f"watermark_{name}") for name in ("pattern", "radius", "inner_radius", "channel")}
+    given = {name: value for name, value in given.items() if value is not None}
+    if args.watermark_key is None:
+        if given:
+            flag = "--watermark-" + next(iter(given)).replace("_", "-")
+            raise UsageError(f"{flag} describes a key: give its --watermark-key too")
+        return None
+    return watermark.Key(args.watermark_key, **given)

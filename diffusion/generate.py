@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion import captions, editing, files, guidance, latent, pictures, noise, runs, samplers
+from diffusion import captions, editing, files, guidance, latent, pictures, noise, runs, samplers, watermark
 from diffusion.configs import Config
 from diffusion.errors import GenerationError, is_whole
 from diffusion.schedules import timestep_at
@@ -85,6 +85,7 @@ _FIELD_TYPES = {  # the fields whose type __post_init__ checks directly; numbers
     "mask": _OPTIONAL_TEXT,
     "resize": bool,
     "trajectory": bool,
+    "watermarked": bool,
     "checkpoint_sha256": _OPTIONAL_TEXT,
     "init_image_sha256": _OPTIONAL_TEXT,
     "mask_sha256": _OPTIONAL_TEXT,
@@ -117,6 +118,7 @@ class Settings:
     mask: str | None = None  # inpainting: white = generate anew, black = keep init_image
     resize: bool = False  # resize init_image and mask to the model's size (else a mismatch is an error)
     trajectory: bool = False  # also save the x_t / predicted-x0 strip and a GIF of the denoising
+    watermarked: bool = False  # the noise carries a Tree-Ring key (diffusion.watermark); the key itself is secret
     batch_size: int = 64  # the most images in one compiled batch
     checkpoint_sha256: str | None = None  # of state.npz; checked when given
     init_image_sha256: str | None = None
@@ -185,6 +187,10 @@ class Settings:
                 (self.strength is None) != (self.mask is None),
                 "with an init image give either a strength (img2img) or a mask (inpainting), not both or neither",
             )
+        _need(
+            not (self.watermarked and self.init_image is not None),
+            "a watermark lives in the starting noise, and img2img and inpainting start from an image: leave one out",
+        )
         object.__setattr__(self, "guidance", float(self.guidance))  # 3 and 3.0 must save the same JSON
         if self.strength is not None:
             object.__setattr__(self, "strength", float(self.strength))
@@ -284,6 +290,8 @@ def check_settings(settings: Settings, config: Config) -> None:
         f"was trained as one), and this checkpoint's run trained a {_trained_as(config)}: use ddim, or distil one "
         "with train.py --preset consistency --teacher RUN",
     )
+    if settings.watermarked:
+        _check_watermarkable(settings, config)
     if config.kind == "distill":
         _need(
             config.guidance_min <= settings.guidance <= config.guidance_max,
@@ -336,6 +344,20 @@ def check_settings(settings: Settings, config: Config) -> None:
     _need(
         settings.guidance_interval is None or settings.guidance != 1.0,
         "a guidance interval says where guidance acts: give a guidance scale other than 1, or no interval",
+    )
+
+
+def _check_watermarkable(settings: Settings, config: Config) -> None:
+    """A watermark is found again by inverting DDIM: the model must allow that, and the sampler must follow a
+    deterministic path from the marked noise."""
+    watermark.check_detectable(config)
+    deterministic = [
+        name for name, s in samplers.SAMPLERS.items() if s.family != "flow" and not s.stochastic(dict(s.options))
+    ]
+    _need(
+        settings.sampler in deterministic,
+        f"a watermark is detected by following the sampler's path back to the noise, and {settings.sampler} draws "
+        f"fresh noise at every step: use one of {', '.join(deterministic)}",
     )
 
 
@@ -470,7 +492,10 @@ def _sample_batch(settings, config, denoiser, x_T, cond, key, x_known, mask):
     return samplers.sample(denoiser, x_T, **common)
 
 
-def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, progress: bool = False) -> Generation:
+def generate(
+    settings: Settings, *, checkpoint: runs.Checkpoint | None = None, progress: bool = False,
+    watermark_key: watermark.Key | None = None,
+) -> Generation:
     """Generate the images that ``settings`` describe; see the module docstring for what decides each.
 
     Everything is checked first (checkpoint, its sha256, the settings against
@@ -478,7 +503,8 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
     anything compiles. ``checkpoint``, if given, is ``settings.checkpoint``
     already opened (``runs.open_checkpoint``), so that it is not resolved and
     hashed again. ``progress`` shows a progress bar over the batches (on a
-    terminal).
+    terminal). ``watermark_key`` marks every starting noise (``diffusion.watermark.mark``); it is needed exactly
+    when ``settings.watermarked``.
     """
     if checkpoint is None or str(checkpoint.path) != settings.checkpoint:
         checkpoint = runs.open_checkpoint(settings.checkpoint)
@@ -486,6 +512,11 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
     runs.check_generative(checkpoint)
     config = checkpoint.config
     check_settings(settings, config)
+    _need(
+        settings.watermarked == (watermark_key is not None),
+        "these settings are of a watermarked generation: give its key (--watermark-key) to make it again"
+        if settings.watermarked else "these settings are of an unmarked generation: leave the watermark key out",
+    )
     size, channels = config.image_size, config.in_channels
     space = runs.load_latent_space(config, runs.run_folder(checkpoint.path)) if config.kind == "latent" else None
     x_known = mask = None
@@ -507,6 +538,8 @@ def generate(settings: Settings, *, checkpoint: runs.Checkpoint | None = None, p
     labels = tuple(settings.columns[i] for i in column_index)
     x_T = initial_noise(settings, (config.unet.image_size, config.unet.image_size, config.unet.in_channels))
     x_T = x_T[noise_index]
+    if watermark_key is not None:
+        x_T = watermark.mark(x_T, watermark_key)
     cond = filler = None  # the condition of each image, and of the padding of the last batch
     if config.kind == "text":
         cond, filler = config.tokenizer.encode_all(labels), config.tokenizer.empty_ids

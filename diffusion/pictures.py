@@ -34,6 +34,11 @@ def to_uint8(images) -> np.ndarray:
     return images if images.ndim == 4 else images[..., None]
 
 
+def as_saved(images) -> np.ndarray:
+    """Images in [-1, 1] as a PNG keeps them: rounded to 8 bits, float32 in the model's range again."""
+    return data.to_model_range(to_uint8(images))[..., 0]  # to_model_range adds a channel axis; ours is there
+
+
 def image_grid(images, ncols: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     """Tile N images into one uint8 array of shape (rows*H, ncols*W, C), with ``pad`` pixels between them."""
     images = to_uint8(images)
@@ -204,6 +209,28 @@ def load_image(path, size: int, channels: int, resize: bool = False) -> np.ndarr
     )
     pixels = np.asarray(image, np.uint8).reshape(size, size, channels)
     return data.to_model_range(pixels)[..., 0]  # to_model_range adds a channel axis; ours is already there
+
+
+def load_images(path, size: int, channels: int, count: int | None = None, pad: int = 2) -> np.ndarray:
+    """The pictures in an image file, float32 (n, size, size, channels) in the model's range: the image itself if
+    it is size × size, or the tiles of a grid that ``image_grid`` made (``pad`` pixels apart; the first ``count``
+    of them, if given). Raises GenerationError if it is neither, or has other channels than the model's."""
+    image = open_image(path, "image")
+    found = CHANNELS.get(image.mode)
+    if found != channels:
+        raise GenerationError(
+            f"image {path} has {found or image.mode} channel(s) but the model makes {channels}-channel images"
+        )
+    pixels = np.asarray(image, np.uint8).reshape(image.height, image.width, channels)
+    tile = size + pad
+    if (image.height + pad) % tile or (image.width + pad) % tile:
+        raise GenerationError(
+            f"image {path} is {image.width}×{image.height}: neither one {size}×{size} picture of this model nor a "
+            f"grid of them {pad} pixels apart (as sample.py writes)"
+        )
+    rows, cols = (image.height + pad) // tile, (image.width + pad) // tile
+    tiles = [pixels[r * tile : r * tile + size, c * tile : c * tile + size] for r in range(rows) for c in range(cols)]
+    return data.to_model_range(np.stack(tiles[:count]))[..., 0]
 
 
 def load_mask(path, size: int, resize: bool = False) -> np.ndarray:

@@ -26,12 +26,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion import checkpoint, configs, data, evaluation, generate, pictures, noise, runs, training
+from diffusion import checkpoint, configs, data, evaluation, generate, pictures, noise, runs, training, watermark
 from diffusion.schedules import timestep_at
 from diffusion.unet import as_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import detect  # noqa: E402
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 
@@ -241,6 +242,16 @@ BAD_INPUT = {
     "too many steps": (["--steps", "5000"], "steps must be at most the schedule's 1000 timesteps"),
     "png without settings": (["--from-png", "{digit}"], "holds no generation settings"),
     "from-png with flags": (["--from-png", "{digit}", "--steps", "3"], "leave out --steps"),
+    "watermark, stochastic sampler": (["--watermark-key", "5", "--sampler", "euler_a"], "euler_a draws fresh noise"),
+    "watermark and img2img": (
+        ["--watermark-key", "5", "--init-image", "{digit}", "--strength", "0.5"], "watermark lives in the starting"
+    ),
+    "watermark flag without key": (["--watermark-radius", "3"], "describes a key: give its --watermark-key"),
+    "watermark seed": (["--watermark-key", "-2"], "watermark key's seed is a whole number"),
+    "watermark radius": (["--watermark-key", "2", "--watermark-radius", "20"], "does not fit the 28×28 noise"),
+    "watermark band": (["--watermark-key", "2", "--watermark-inner-radius", "4.3", "--watermark-radius", "4.45"],
+                       "no frequency k of the 28×28 noise"),
+    "watermark inner flag without key": (["--watermark-inner-radius", "3"], "--watermark-inner-radius describes"),
 }
 
 
@@ -304,3 +315,80 @@ def test_evaluate_prints_the_metrics_of_generated_digits(run_dir, monkeypatch):
 
     code, stdout, stderr = run(evaluate.main, "--checkpoint", run_dir, "--n", 25)
     assert code == 2 and stderr == "error: n must be at least 4 and a multiple of the 10 classes (got 25)\n"
+
+
+# --- Watermarks: sample.py marks, detect.py looks ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def marked(run_dir, tmp_path_factory):
+    """Seeds 0 and 1 of label 3, marked with key 77: the PNG's path."""
+    out = tmp_path_factory.mktemp("marked")
+    sample_into(out, run_dir, "--seed", "0-1", "--label", "3", "--watermark-key", "77")
+    return next(out.glob("*.png"))
+
+
+def test_a_watermarked_grid_says_so_but_not_its_key_and_is_redrawn_only_with_the_key(marked, run_dir, tmp_path):
+    settings = generate.read_settings(marked)
+    assert settings.watermarked and "key" not in json.loads(settings.to_json()).keys() - {"watermarked"}
+    code, _, stderr = run(sample.main, "--from-png", marked, "--out", tmp_path / "a")
+    assert code == 2 and "give its key (--watermark-key)" in stderr
+    code, _, stderr = run(sample.main, "--from-png", marked, "--watermark-key", "77", "--out", tmp_path / "b")
+    assert code == 0, stderr
+    assert (tmp_path / "b" / marked.name).read_bytes() == marked.read_bytes()
+    unmarked = tmp_path / "unmarked"
+    sample_into(unmarked, run_dir, "--seed", "0-1", "--label", "3")
+    assert not np.array_equal(tiles(next(unmarked.glob("*.png")), 1, 2), tiles(marked, 1, 2))
+
+
+def test_the_marked_generation_starts_from_the_marked_noise(run_dir):
+    opened = runs.open_checkpoint(run_dir)
+    settings = generate.default_settings(opened, seeds=(0, 1), labels=(3,), steps=STEPS, batch_size=BATCH,
+                                         watermarked=True, trajectory=True)
+    key = watermark.Key(77)
+    start = generate.generate(settings, checkpoint=opened, watermark_key=key).xs[0]  # frame 0: x_T
+    expected = watermark.mark(noise.seed_noise((0, 1), (28, 28, 1)), key)
+    np.testing.assert_allclose(start, expected, atol=1e-6)
+
+
+def test_detect_py_reports_a_p_value_per_image_of_a_grid(marked):
+    flags = ("--watermark-key", "77", "--steps", STEPS, "--null", 9)
+    code, stdout, stderr = run(detect.main, marked, *flags, "--json")
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [row["index"] for row in rows] == [0, 1]  # the grid's two digits
+    assert all(row["p_value"] in np.arange(1, 11) / 10 and row["marked"] == (row["p_value"] < 0.01) for row in rows)
+    assert all(0.0 <= row["chi_squared_p_value"] <= 1.0 for row in rows)
+    code, stdout, _ = run(detect.main, marked, *flags[:-1], 0)  # no null: the chi-squared p-value decides
+    assert code == 0 and re.fullmatch(r"(.*\[[01]\]: distance \d+\.\d \(unmarked noise: about \d+\), "
+                                      r"p = (\S+) \(chi-squared: \2\): (marked|not found)\n){2}", stdout), stdout
+
+
+DETECT_BAD_INPUT = {
+    "no key": ([], "give the key to look for"),
+    "wrong size": (["--checkpoint", "{run_dir}", "{small}"], "neither one 28×28 picture of this model nor a grid"),
+    "other model": (["{other}"], "was made by .*nowhere.* give --checkpoint"),
+    "alpha": (["--alpha", "2"], "--alpha is a probability"),
+    "steps": (["--steps", "0"], "steps"),
+    "null": (["--null", "-1"], "--null is a number of generations"),
+}
+
+
+@pytest.mark.parametrize("case", DETECT_BAD_INPUT)
+def test_detect_py_bad_input_is_one_line_and_exit_code_2(case, marked, run_dir, inputs, tmp_path):
+    settings = dataclasses.replace(generate.read_settings(marked), checkpoint=str(tmp_path / "nowhere"),
+                                   checkpoint_sha256="0" * 64)
+    other = tmp_path / "other.png"
+    other.write_bytes(pictures.png_bytes(np.zeros((28, 28, 1), np.uint8), {generate.PNG_KEY: settings.to_json()}))
+    argv, message = DETECT_BAD_INPUT[case]
+    argv = [a.format(run_dir=run_dir, small=inputs["small"], other=other) for a in argv]
+    if not any(a.endswith(".png") for a in argv):
+        argv.append(str(marked))
+    if case != "no key":
+        argv += ["--watermark-key", "77"]
+    if case == "other model":
+        argv += ["--checkpoint", str(run_dir)]
+    code, stdout, stderr = run(detect.main, *argv)
+    assert code == 2 and stdout == "", stdout
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert re.search(message, stderr), stderr
