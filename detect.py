@@ -3,8 +3,8 @@
 Each image is inverted with DDIM to the noise it would have come from, and that noise's distance to the key is
 compared with the distances of unmarked images (``--null`` generations of the same model, inverted alike):
 the p-value is the share of them that lie as close (``diffusion.watermark``), so a small one says the key is
-there. The chi-squared p-value of Tree-Ring's paper is shown beside it; it assumes the inversion exact and is
-too large (conservative) for real inversions. A grid written by sample.py is split into its
+there. The chi-squared p-value of Tree-Ring's paper is shown beside it; it assumes the inversion exact, which it
+is not (docs/watermarks.md measures how far off it is). A grid written by sample.py is split into its
 images; its settings name the checkpoint that made it, which is then the default. Give the same key flags as
 sample.py was given. Examples:
 

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import ctrl_c_at, leaves_equal
-from diffusion import autoencoder, checkpoint, configs, data, generate, latent, runs, training
+from diffusion import autoencoder, checkpoint, configs, data, generate, latent, runs, training, watermark
 from diffusion.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +167,19 @@ def test_img2img_and_inpainting_work_on_latents(latent_run, tmp_path):
     space = runs.load_latent_space(config, config.run_dir)
     reconstruction = np.asarray(space.decode(space.encode(data.to_model_range(digit[None]))))
     np.testing.assert_allclose(draw(mask=str(tmp_path / "keep-all.png")), reconstruction, atol=1e-4)
+
+
+def test_a_latent_run_is_watermarked_in_its_latent_noise_and_inverted_back_to_it(latent_run):
+    config, _ = latent_run
+    opened = runs.open_checkpoint(config.run_dir)
+    key = watermark.Key(5)
+    images, _ = watermark.generations(opened, 2, key=key, steps=3)
+    assert images.shape == (2, 28, 28, 1)
+    noise = watermark.recover_noise(runs.load(opened), images, steps=3)  # encoded, then DDIM inversion
+    assert noise.shape == (2, 7, 7, 4) and np.isfinite(noise).all()
+    assert watermark.key_mask(key, noise.shape[1:]).sum() == 20  # the default band 2 <= |k| <= 3 of a 7 × 7 grid
+    p = watermark.find_key(noise, key).p_value
+    assert p.shape == (2,) and np.all((0 <= p) & (p <= 1))
 
 
 def test_an_autoencoder_does_not_sample(autoencoder_run, tmp_path, capsys):
