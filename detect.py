@@ -27,7 +27,7 @@ def parse_args(argv=None):
     flag = parser.add_argument
     flag("images", nargs="+", metavar="IMAGE", help="PNG files: single pictures or grids written by sample.py")
     flag("--checkpoint", help=f"the model that made the images (default: the one a PNG names, else {runs.DEFAULT_RUN})")
-    flag("--steps", type=int, default=watermark.DEFAULT_DETECTION_STEPS, help="DDIM inversion steps (default: 50)")
+    flag("--steps", type=int, default=watermark.DEFAULT_DETECTION_STEPS, help=f"DDIM inversion steps (default: {watermark.DEFAULT_DETECTION_STEPS})")
     flag("--alpha", type=float, default=0.01, help="call an image marked if its p-value is below this (default 0.01)")
     flag("--null", type=int, default=200, help="unmarked generations for the p-value's null (default: 200; "
          "0: the chi-squared p-value only)")

@@ -76,8 +76,13 @@ def trained_model(fast: bool = FAST):
     (``runs/notebook-default``); full mode trains the ``cpu`` preset into
     ``runs/default``, exactly as the main job would.
     """
-    loaded = _trained("default", "cpu", "tiny", fast)
+    loaded = trained_run(fast)
     return loaded.model, loaded.config
+
+
+def trained_run(fast: bool = FAST) -> runs.Loaded:
+    """``trained_model``'s run, loaded (``runs.load``): the model with its denoiser, config and checkpoint."""
+    return _trained("default", "cpu", "tiny", fast)
 
 
 # The first stage of progressive distillation: the student of 64 teacher steps samples in 32 (4 -> 2 in fast mode).
