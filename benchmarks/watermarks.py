@@ -111,7 +111,7 @@ def main(argv=None):
     nulls = {args.detect_steps: watermark.recover_noise(loaded, null_images, steps=args.detect_steps)}
 
     def tree_ring_row(name, marked, unmarked, key=key, steps=args.detect_steps):
-        """``marked`` and ``unmarked``: images, or their noise recovered at ``steps`` already (a dict entry)."""
+        """``marked`` and ``unmarked``: images, or their noise recovered at ``steps`` already (``Recovered``)."""
         if steps not in nulls:
             nulls[steps] = watermark.null_noise(checkpoint, args.n, steps=steps)
         noise = [x if isinstance(x, Recovered) else Recovered(watermark.recover_noise(loaded, x, steps=steps))

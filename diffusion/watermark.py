@@ -38,9 +38,9 @@ test statistic is the squared distance to the key in the masked subspace,
 
 with sigma_hat^2 the variance per dimension of the rest of x_hat, which no key touches: the recovered noise is
 put back to unit variance first, whatever the inversion did to its scale. Under the null (the image was not made
-from noise marked with this key), P x_hat / sigma_hat is N(0, I_|M|) noise, so eta follows a noncentral
-chi-squared law with |M| degrees of freedom and noncentrality ||kappa||^2, and the p-value is the chance of a
-distance this small, P(eta_null <= eta) (``p_values``). This is the paper's test (Sec. 3.3), except that the paper
+from noise marked with this key) and inversion exact, P x_hat / sigma is N(0, I_|M|) noise, so with the true
+sigma eta would follow a noncentral chi-squared law with |M| degrees of freedom and noncentrality ||kappa||^2; the
+p-value is the chance of a distance this small, P(eta_null <= eta) (``p_values``). This is the paper's test (Sec. 3.3), except that the paper
 estimates sigma^2 from the masked values themselves, which for the zeros key makes eta the same for every image.
 With sigma_hat in place of sigma the law is exact once sigma_hat's own spread is taken in: sigma_hat^2 / sigma^2
 = s^2 is chi-squared with D - |M| degrees of freedom over D - |M|, independent of P x_hat, and given s, s^2 eta is
