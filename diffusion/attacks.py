@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from diffusion import pictures
+from diffusion import data, pictures
 
 
 def gaussian_noise(images, sigma: float, seed: int) -> np.ndarray:
@@ -37,7 +37,7 @@ def jpeg(images, quality: int) -> np.ndarray:
         buffer = io.BytesIO()
         pictures.to_pil(pixels).save(buffer, format="JPEG", quality=quality)
         out.append(np.asarray(Image.open(buffer), np.uint8).reshape(pixels.shape))
-    return np.stack(out).astype(np.float64) / 127.5 - 1.0
+    return data.to_model_range(np.stack(out))[..., 0]  # to_model_range adds a channel axis; ours is there
 
 
 def crop_and_resize(images, keep: float, seed: int) -> np.ndarray:
