@@ -14,6 +14,8 @@ bit for bit. Examples:
     python sample.py --trajectory --n 1               # + a strip of x_t and predicted x0, and a GIF
     python sample.py --from-png outputs/some-grid.png --out again/
     python sample.py --watermark-key 1234 --seed 0-9 --label 3    # Tree-Ring watermark (detect.py finds it)
+    python sample.py --lora runs/lora-A --label 10     # a new class taught by a LoRA adapter (train.py --preset lora)
+    python sample.py --lora runs/lora-A --lora-scale 1 --lora runs/lora-hollow --lora-scale 0.5   # two at once
 
 The library behind it is diffusion/generate.py; the flags it shares with evaluate.py are in diffusion/cli.py.
 """
@@ -65,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="also write a strip of x_t and predicted x0 over the steps, and a GIF of the denoising",
     )
+    flag("--lora", action="append", metavar="ADAPTER",
+         help="a LoRA adapter (its run folder or adapter.safetensors) on the checkpoint; give it again for more")
+    flag("--lora-scale", action="append", type=float, metavar="S",
+         help="each adapter's scale: 0 = off, 1 = as trained (default 1); one for all, or one per --lora")
     cli.watermark_flags(parser)
     flag("--from-png", metavar="IMAGE", help="make the files of a PNG written by sample.py again, from its settings")
     flag(
@@ -77,6 +83,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[generate.Settings, run
     """The Settings that the command line asks for (the flags given, over the checkpoint's defaults), and the
     checkpoint opened to make them (None with --from-png: ``generate`` opens the one the settings name)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "out" and not k.startswith("watermark")}
+    if "lora" in given or "lora_scale" in given:
+        given["loras"] = adapters_from_args(given.pop("lora", []), given.pop("lora_scale", None))
     if args.watermark_key is not None:
         given["watermarked"] = True
     if "from_png" in given:
@@ -103,6 +111,18 @@ def settings_from_args(args: argparse.Namespace) -> tuple[generate.Settings, run
             raise UsageError("--n counts seeds up from a single --seed; with a range or a list of seeds leave it out")
         given["seeds"] = tuple(range(seeds[0], seeds[0] + (n or DEFAULT_NOISES))) if len(seeds) == 1 else seeds
     return generate.default_settings(checkpoint, **given), checkpoint
+
+
+def adapters_from_args(paths: list[str], scales: list[float] | None) -> tuple:
+    """(adapter file, scale, sha256) for each --lora, with its --lora-scale (one for all, or one each)."""
+    if not paths:
+        raise UsageError("--lora-scale sets the scale of an adapter: give the adapter with --lora")
+    scales = scales or [1.0]
+    if len(scales) == 1:
+        scales = scales * len(paths)
+    if len(scales) != len(paths):
+        raise UsageError(f"give one --lora-scale for all the adapters, or one per --lora ({len(paths)})")
+    return tuple((str(a.path), scale, a.sha256) for a, scale in zip(map(runs.open_adapter, paths), scales))
 
 
 def default_name(settings: generate.Settings, checkpoint: runs.Checkpoint) -> str:

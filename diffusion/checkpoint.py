@@ -56,8 +56,9 @@ def step_of(path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def save(directory, step: int, tree, config: dict, meta: dict, keep: int) -> Path:
-    """Write ``tree`` (host or device arrays), ``config`` and ``meta`` as ``<directory>/step_<step>``.
+def save(directory, step: int, tree, config: dict, meta: dict, keep: int, others: dict | None = None) -> Path:
+    """Write ``tree`` (host or device arrays), ``config``, ``meta`` and ``others`` (more files, {name: bytes},
+    e.g. an adapter run's ``adapter.safetensors``) as ``<directory>/step_<step>``.
 
     Atomic (``diffusion.files.atomic_folder``). Afterwards only the ``keep``
     newest checkpoints remain. Returns the checkpoint's path.
@@ -70,6 +71,8 @@ def save(directory, step: int, tree, config: dict, meta: dict, keep: int) -> Pat
             os.fsync(f.fileno())
         files.write_synced(tmp / "config.json", _json_bytes(config))
         files.write_synced(tmp / "meta.json", _json_bytes({"step": step, **meta}))
+        for name, content in (others or {}).items():
+            files.write_synced(tmp / name, content)
     for old in checkpoints(directory)[:-keep]:
         shutil.rmtree(old)
     return final

@@ -16,13 +16,16 @@ the model range [-1, 1] of ``diffusion.data.to_model_range``):
 
     [conv 3x3 -> ReLU -> max-pool 2]  x 3   28 -> 14 -> 7 -> 3 pixels; 16, 32, 32 channels
     flatten (288) -> dense 128 -> ReLU      the features
-    dense 10                                the logits
+    dense 10                                the logits (``num_classes`` of them; 10 for digits)
 
 ``train_classifier`` fits it with Adam on randomly shifted digits (up to 2
 pixels each way, so that a digit drawn a little off centre is still
 recognised); ``scripts/train_classifier.py`` runs it on the embedded training
 split and writes the weights that ship with the package,
 ``diffusion/data/mnist_classifier.npz``, which ``load_classifier`` reads.
+With ``num_classes`` > 10 the same network and training judge more than
+digits: ``diffusion.concepts`` fits it to digits plus new letters, or to plain
+plus styled digits, to measure what a fine-tuned diffusion model draws.
 """
 
 from __future__ import annotations
@@ -38,14 +41,14 @@ import optax
 from flax import nnx
 
 from diffusion import data, files
-from diffusion.errors import ClassifierError
+from diffusion.errors import ClassifierError, is_whole
 
 WEIGHTS_FILE = "mnist_classifier.npz"
 REGENERATE = "regenerate it with `.venv/bin/python scripts/train_classifier.py` (a few minutes on a CPU)"
 
 
 class DigitClassifier(nnx.Module):
-    """The CNN of the module docstring: 28 x 28 x 1 digits in [-1, 1] -> 10 logits."""
+    """The CNN of the module docstring: 28 x 28 x 1 digits in [-1, 1] -> ``num_classes`` logits (10 for digits)."""
 
     def __init__(self, rngs: nnx.Rngs, channels=(16, 32, 32), feature_dim: int = 128, num_classes: int = 10):
         c1, c2, c3 = channels
@@ -88,6 +91,7 @@ def train_classifier(
     max_shift: int = 2,
     seed: int = 0,
     log_every: int = 0,
+    num_classes: int = 10,
 ) -> DigitClassifier:
     """Fit a fresh ``DigitClassifier`` to uint8 digits (N, 28, 28) and labels (N,); return it.
 
@@ -96,6 +100,11 @@ def train_classifier(
     Deterministic: the initial weights, the batches (``diffusion.data.batches``)
     and the shifts depend only on ``seed``. ``log_every`` > 0 prints the mean
     training loss every that many steps.
+
+    ``num_classes`` is the size of the output layer; labels must lie in
+    0..num_classes-1. The default, 10, is the digit classifier of
+    ``diffusion.metrics`` (the same initial weights and training as before the
+    argument existed); larger values fit the judges of ``diffusion.concepts``.
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
@@ -108,9 +117,19 @@ def train_classifier(
             f"need steps >= 1, batch_size >= 1, learning_rate > 0, max_shift >= 0 "
             f"(got {steps}, {batch_size}, {learning_rate}, {max_shift})"
         )
+    if not is_whole(num_classes, 2):
+        raise ValueError(f"num_classes must be a whole number >= 2 (got {num_classes!r})")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be an integer array (class numbers), got dtype {labels.dtype}")
+    if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
+        raise ValueError(
+            f"labels must lie in 0..{num_classes - 1} for num_classes={num_classes} "
+            f"(got {labels.min()}..{labels.max()}); raise num_classes or fix the labels"
+        )
     init_key, shift_key = jax.random.split(jax.random.key(seed))
     # Initialising under jit compiles one program instead of dozens of small eager ones (~2 s saved on a CPU).
-    graphdef, params = jax.jit(lambda key: nnx.split(DigitClassifier(nnx.Rngs(key))))(init_key)
+    init = lambda key: nnx.split(DigitClassifier(nnx.Rngs(key), num_classes=num_classes))  # noqa: E731
+    graphdef, params = jax.jit(init)(init_key)
     optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
     opt_state = optimizer.init(params)
 
@@ -138,7 +157,7 @@ def train_classifier(
 
 
 def logits_and_features(model: DigitClassifier, x, batch_size: int = 500):
-    """``model``'s logits (N, 10) and features (N, feature_dim) for images x (N, 28, 28, 1) in [-1, 1].
+    """``model``'s logits (N, num_classes) and features (N, feature_dim) for images x (N, 28, 28, 1) in [-1, 1].
 
     Runs in batches of ``batch_size`` (the last one padded), so any N compiles
     at most once per model structure; returns float64 NumPy arrays.

@@ -51,7 +51,8 @@ def _flag_type(field):
     """How to read a field's value from the command line: ints, floats, strings, and comma-separated tuples."""
     default = field.default
     if isinstance(default, tuple):
-        return lambda text: tuple(int(v) for v in text.split(",") if v.strip())
+        kind = str if default and isinstance(default[0], str) else int
+        return lambda text: tuple(kind(v.strip()) for v in text.split(",") if v.strip())
     return type(default)
 
 

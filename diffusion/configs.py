@@ -23,7 +23,7 @@ import numpy as np
 from pathlib import Path
 from typing import ClassVar
 
-from diffusion import data, distillation, tokenizer
+from diffusion import concepts, data, distillation, lora, tokenizer
 from diffusion.autoencoder import RECONSTRUCTION_LOSSES, AutoencoderConfig
 from diffusion.errors import ConfigError, check_whole
 from diffusion.schedules import BETA_SCHEDULES, Schedule, timesteps
@@ -353,6 +353,76 @@ class DistillConfig(Config):
         return dict(sampler="lcm", origin_steps=self.origin_steps)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(Config):
+    """Fine-tuning a trained base run on a new concept or style (``diffusion.lora``, ``diffusion.concepts``).
+
+    ``method`` is ``lora`` (Hu et al. 2021: only a low-rank adapter of ``rank`` and ``alpha`` on the layer
+    groups ``targets`` trains, and new label rows) or ``full`` (every weight trains: the comparison LoRA is
+    measured against). ``concept`` is what is taught: ``letters`` (``concept_images`` renderings of each of
+    ``letters``, each a new class label after the base's, ``diffusion.concepts.render_letters``) or a style of
+    ``diffusion.concepts.STYLES`` (the first ``concept_images`` training digits drawn in it, under their own
+    labels). New letters train beside ``prior_images`` of the base's training digits (prior preservation). The base is pinned when the run starts (``diffusion.runs.start_config``): its architecture fields
+    are copied from its config (``base_num_classes`` its classes; ``num_classes`` counts the new ones too) and
+    the sha256 of its weights recorded.
+    """
+
+    kind: ClassVar[str] = "lora"
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("base_sha256", "base_num_classes")
+
+    method: str = "lora"  # lora or full
+    base: str = "runs/default"  # the base run folder (or one of its checkpoint folders)
+    base_sha256: str = ""  # pinned: the sha256 of its weights
+    base_num_classes: int = 0  # pinned: the base's classes (new ones are numbered after them)
+    rank: int = 1
+    alpha: float = 1.0
+    targets: tuple[str, ...] = lora.AdapterConfig.targets
+    concept: str = "letters"  # letters, or a style of diffusion.concepts.STYLES
+    letters: str = "A"  # concept letters: one new class label each
+    concept_images: int = 100  # renderings per letter, or digits drawn in the style
+    # Prior preservation (DreamBooth, Ruiz et al. 2023, Sec. 3.3): this many of the base's own training digits
+    # train beside the letters, under their labels, so that the adapter learns to draw the new class without
+    # redrawing the old ones (without them every label drifts towards the letter).
+    prior_images: int = 900
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        _need(
+            bool(self.base_sha256),
+            "an adapter run needs its base pinned: start it with train.py --preset lora --base RUN "
+            "(diffusion.runs.start_config)",
+        )
+        super().__post_init__()
+        _need(self.method in LORA_METHODS, f"unknown method {self.method!r}; choose one of {', '.join(LORA_METHODS)}")
+        _need(self.concept == "letters" or self.concept in concepts.STYLES,
+              f"unknown concept {self.concept!r}; choose letters or a style: {', '.join(concepts.STYLES)}")
+        check_whole("concept_images", self.concept_images, 1, ConfigError)
+        check_whole("prior_images", self.prior_images, 0, ConfigError)
+        _need(self.concept == "letters" or not self.prior_images,
+              "a style redraws the base's digits under their own labels: set prior_images to 0")
+        _need(self.base_num_classes > 0, "the base of an adapter run must be a class-conditional model")
+        new = len(self.letters) if self.concept == "letters" else 0
+        _need(self.num_classes == self.base_num_classes + new,
+              f"num_classes is the base's {self.base_num_classes} and the {new} new ones: leave the flag out")
+        _need(self.concept != "letters" or (self.letters.isascii() and self.letters.isalpha()
+                                              and len(set(self.letters)) == len(self.letters)),
+              f"letters must be distinct letters A-Z or a-z, each a new class (got {self.letters!r})")
+        self.adapter  # the adapter's own checks (a ConfigError)
+
+    @property
+    def unet(self) -> UNetConfig:
+        """The base's network (with its own classes; the adapter adds the new ones)."""
+        return dataclasses.replace(super().unet, num_classes=self.base_num_classes)
+
+    @property
+    def adapter(self) -> lora.AdapterConfig:
+        """The adapter this run trains (for a full fine-tune only its new classes count)."""
+        return lora.AdapterConfig(self.rank, self.alpha, self.targets, self.num_classes - self.base_num_classes)
+
+
+LORA_METHODS = ("lora", "full")
+
+
 # The settings that decide what the network computes: a checkpoint can only be
 # resumed with the same values.
 ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "compute_dtype")) + (
@@ -367,6 +437,7 @@ KIND_ARCHITECTURE_FIELDS = {
     "latent": ARCHITECTURE_FIELDS + ("autoencoder_sha256", "latent_scale", "latent_shape"),
     "autoencoder": tuple(f for f in AUTOENCODER_FIELDS if f != "compute_dtype"),
     "distill": ARCHITECTURE_FIELDS + ("method", "teacher_sha256", "teacher_steps", "origin_steps"),
+    "lora": ARCHITECTURE_FIELDS + ("method", "base_sha256", "rank", "alpha", "targets", "concept", "letters"),
 }
 
 # For tests and a first look: seconds on a CPU, nothing learned.
@@ -400,6 +471,10 @@ _GPU = dict(
     checkpoint_every=2000,
 )
 
+# Fine-tuning a base for a few CPU minutes (LoRAConfig): its adapter's settings.
+_LORA = dict(steps=400, batch_size=32, learning_rate=3e-3, warmup_steps=20, ema_decay=0.99, checkpoint_every=200,
+             sample_every=200)
+
 PRESETS = {
     "tiny": _TINY,
     # The default: the Config defaults above.
@@ -431,6 +506,12 @@ PRESETS = {
     "consistency": dict(method="consistency", sample_steps=4, steps=1000, learning_rate=3e-4, warmup_steps=20,
                         ema_decay=0.95, checkpoint_every=200, sample_every=200),
     "consistency-tiny": dict(_RUN_TINY, method="consistency", sample_steps=2, ema_decay=0.95),
+    # LoRA fine-tuning of --base (LoRAConfig; the architecture is the base's): a new letter as a new label, or
+    # a style of the digits; --method full trains every weight instead.
+    "lora": dict(name="lora-A", concept="letters", letters="A", **_LORA),
+    "lora-style": dict(name="lora-hollow", concept="hollow", prior_images=0, **_LORA),
+    "lora-tiny": dict(_RUN_TINY, name="lora-tiny", concept="letters", letters="A", concept_images=20,
+                      prior_images=20),
 }
 
 
@@ -496,11 +577,11 @@ def _validate(c: Config):
 
 def config_class(preset: str) -> type[RunConfig]:
     """The class of a preset's config, from its name: ``TextConfig`` for text*, ``AutoencoderRunConfig`` for
-    autoencoder*, ``LatentConfig`` for latent*, ``DistillConfig`` for progressive* and consistency*, ``Config``
-    for the others."""
+    autoencoder*, ``LatentConfig`` for latent*, ``DistillConfig`` for progressive* and consistency*,
+    ``LoRAConfig`` for lora*, ``Config`` for the others."""
     for prefix, cls in (
         ("text", TextConfig), ("autoencoder", AutoencoderRunConfig), ("latent", LatentConfig),
-        ("progressive", DistillConfig), ("consistency", DistillConfig),
+        ("progressive", DistillConfig), ("consistency", DistillConfig), ("lora", LoRAConfig),
     ):
         if preset.startswith(prefix):
             return cls

@@ -19,6 +19,9 @@ What decides each image:
   ``prompts``, so rows compare conditions on the same noise. A text model's
   guidance pushes away from ``negative_prompt`` (the empty prompt if None), a
   label model's from ``negative_label`` (the null label if None).
+- **Adapters.** LoRA adapters (``loras``: each a file and a scale) go on the
+  checkpoint's model in the order given and are merged into its weights
+  (``diffusion.lora``); an adapter's new classes are numbered after the base's.
 - **Sampler noise.** The images go through the sampler in the fewest batches
   of at most ``batch_size`` images, of even size (the last padded to the same
   shape, so that one compiled program serves them all). Stochastic samplers
@@ -49,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion import captions, editing, files, guidance, latent, pictures, noise, runs, samplers, watermark
+from diffusion import captions, editing, files, guidance, latent, lora, pictures, noise, runs, samplers, watermark
 from diffusion.configs import Config
 from diffusion.errors import GenerationError, is_whole
 from diffusion.schedules import timestep_at
@@ -119,6 +122,7 @@ class Settings:
     resize: bool = False  # resize init_image and mask to the model's size (else a mismatch is an error)
     trajectory: bool = False  # also save the x_t / predicted-x0 strip and a GIF of the denoising
     watermarked: bool = False  # the noise carries a Tree-Ring key (diffusion.watermark); the key itself is secret
+    loras: tuple[tuple[str, float, str], ...] = ()  # LoRA adapters on the checkpoint: (adapter file, scale, sha256)
     batch_size: int = 64  # the most images in one compiled batch
     checkpoint_sha256: str | None = None  # of state.npz; checked when given
     init_image_sha256: str | None = None
@@ -135,6 +139,17 @@ class Settings:
             _need(self.prompts, "give at least one prompt")
             _need(all(isinstance(p, str) for p in self.prompts), f"prompts are text (got {list(self.prompts)!r})")
             _need(self.labels == (None,), "a grid has prompts or labels, not both: leave the labels out")
+        _need(isinstance(self.loras, (list, tuple)), f"loras must be a list (got {self.loras!r})")
+        loras = []
+        for entry in self.loras:
+            _need(
+                isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], (str, os.PathLike))
+                and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and math.isfinite(entry[1])
+                and isinstance(entry[2], str),
+                f"each LoRA is (adapter file, scale, sha256) (got {entry!r})",
+            )
+            loras.append((os.fspath(entry[0]), float(entry[1]), entry[2]))
+        object.__setattr__(self, "loras", tuple(loras))
         if self.guidance_interval == ():  # what the command line's "none" gives: guidance at every step
             object.__setattr__(self, "guidance_interval", None)
         if self.guidance_interval is not None:
@@ -229,6 +244,20 @@ class Settings:
             raise GenerationError(f"incomplete settings: {error}") from None
 
 
+def adapted(config: Config, adapters: list[runs.Adapter]) -> Config:
+    """The config of ``config``'s model with ``adapters`` on it: its classes and theirs new ones."""
+    return dataclasses.replace(config, num_classes=config.num_classes + sum(a.config.adapter.new_classes
+                                                                          for a in adapters))
+
+
+def open_adapters(settings: Settings) -> list[runs.Adapter]:
+    """The adapters that ``settings`` name, opened, each checked unchanged since the settings were made."""
+    opened = [runs.open_adapter(path) for path, _, _ in settings.loras]
+    for adapter, (path, _, sha256) in zip(opened, settings.loras):
+        _check_unchanged("adapter", path, sha256, adapter.sha256)
+    return opened
+
+
 def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     """Settings for ``checkpoint`` with the usual defaults, then ``choices`` (Settings fields) applied.
 
@@ -241,7 +270,7 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     checkpoint's weights and of the input images.
     """
     runs.check_generative(checkpoint)
-    config = checkpoint.config
+    config = adapted(checkpoint.config, [runs.open_adapter(path) for path, _, _ in choices.get("loras", ())])
     for name in ("init_image", "mask"):
         if choices.get(name) is not None:
             choices.setdefault(f"{name}_sha256", _input_sha256(choices[name], name.replace("_", " ")))
@@ -510,7 +539,11 @@ def generate(
         checkpoint = runs.open_checkpoint(settings.checkpoint)
     _check_unchanged("checkpoint", checkpoint.path, settings.checkpoint_sha256, checkpoint.sha256)
     runs.check_generative(checkpoint)
-    config = checkpoint.config
+    adapters = open_adapters(settings)
+    _need(not adapters or checkpoint.kind == "denoiser",
+          f"LoRA adapters here go on a class-conditional pixel-space denoiser; {checkpoint.path} holds a "
+          f"{checkpoint.kind} model")
+    config = adapted(checkpoint.config, adapters)
     check_settings(settings, config)
     _need(
         settings.watermarked == (watermark_key is not None),
@@ -532,6 +565,9 @@ def generate(
         if space is not None:
             mask = latent.latent_mask(mask, space.factor)
     model = runs.load_model(checkpoint)
+    for adapter, (_, scale, _) in zip(adapters, settings.loras):
+        runs.attach(model, checkpoint, adapter, scale)
+    lora.merge(model)  # the adapters' updates go into the base weights: a sampler step costs what the base's does
 
     denoiser = guided_denoiser(model, settings, config)
     noise_index, column_index, ncols = arrangement(settings)

@@ -10,7 +10,8 @@ real figures.
 trains what it needs, tiny in fast mode; ``trained_text_model()`` likewise
 for the text model (``runs/text``), ``trained_latent_model()`` for the latent
 model (``runs/latent``) and its autoencoder (``runs/autoencoder``), ``trained_student()`` for the
-few-step students of the main job's model (``runs/consistency``, ``runs/progressive-N``).
+few-step students of the main job's model (``runs/consistency``, ``runs/progressive-N``), ``trained_adapter()``
+for LoRA adapters of it (``runs/lora-A``, ``runs/lora-hollow``).
 """
 
 from __future__ import annotations
@@ -106,3 +107,18 @@ def trained_student(method: str, steps: int | None = None, fast: bool = FAST) ->
         teacher = _trained_run(f"progressive-{stage}", preset, preset, fast, teacher=str(teacher))
         stage //= 2
     return runs.load(teacher)
+
+
+ADAPTER_PRESETS = {"letters": "lora", "hollow": "lora-style"}  # the concepts trained_adapter knows, and their presets
+
+
+def trained_adapter(concept: str = "letters", fast: bool = FAST, **overrides) -> Path:
+    """The run folder of a LoRA adapter of ``trained_model``'s base: ``runs/lora-A`` (the letter A as a new class,
+    ``train.py --preset lora``) or ``runs/lora-hollow`` (hollow digits, ``--preset lora-style``), trained now if
+    absent (``lora-tiny`` for a few steps in fast mode). ``overrides`` (e.g. ``name="full-A", method="full"``)
+    change the run trained."""
+    base = _trained_run("default", "cpu", "tiny", fast)
+    name = overrides.pop("name", "lora-A" if concept == "letters" else f"lora-{concept}")
+    if fast:
+        overrides = dict(concept=concept, prior_images=20 if concept == "letters" else 0, **overrides)
+    return _trained_run(name, ADAPTER_PRESETS[concept], "lora-tiny", fast, base=str(base), **overrides)

@@ -26,6 +26,11 @@ base, each by path and sha256), and what a sampler needs from it. The kinds:
     distill    a few-step student of a denoiser run, its teacher, which its config
                (``DistillConfig``) pins by path and sha256: the teacher's U-Net with
                a guidance embedding, sampled with DDIM (progressive) or lcm (consistency)
+    lora       an adapter of a label denoiser run, its base, which its config
+               (``LoRAConfig``) pins by path and sha256: low-rank updates and new class
+               labels (``diffusion.lora``), or every weight for a full fine-tune; each
+               checkpoint also holds ``adapter.safetensors``, what sampling reads
+               (``open_adapter``, ``attach``)
 
 ``start_config(preset, **overrides)`` is the config of a new run, with the
 runs it depends on pinned; ``resume_config`` the saved config of a run to
@@ -41,18 +46,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
-from diffusion import checkpoint, configs, latent
+from diffusion import checkpoint, configs, latent, lora
 from diffusion.autoencoder import Autoencoder
 from diffusion.files import sha256_of
 from diffusion.configs import (
-    AutoencoderRunConfig, Config, DistillConfig, LatentConfig, TextConfig, config_from_dict,
+    AutoencoderRunConfig, Config, DistillConfig, LatentConfig, LoRAConfig, TextConfig, config_from_dict,
 )
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.text_encoder import TextUNet
@@ -127,6 +137,25 @@ def _teacher_of(config: DistillConfig) -> Reference:
     return Reference("teacher", config.teacher, config.teacher_sha256)
 
 
+def _base_of(config: LoRAConfig) -> Reference:
+    return Reference("base", config.base, config.base_sha256)
+
+
+def adapt(model: UNet, config: LoRAConfig, rngs: nnx.Rngs) -> list:
+    """Give the base's ``model`` the adapter of the run ``config`` (method lora; returns its wrappers) or, for a
+    full fine-tune, only its new classes; in place."""
+    if config.method == "lora":
+        return lora.add_adapter(model, config.adapter, rngs)
+    lora.add_classes(model, config.adapter.new_classes, rngs)
+    return []
+
+
+def _adapted_model(config: LoRAConfig, rngs: nnx.Rngs) -> UNet:
+    model = UNet(config.unet, rngs=rngs)
+    adapt(model, config, rngs)
+    return model
+
+
 KINDS = {
     "denoiser": Kind(
         config_from_dict=config_from_dict,
@@ -158,8 +187,14 @@ KINDS = {
         references=lambda config: (_teacher_of(config),),
         conditioning=_label_conditioning,
     ),
+    "lora": Kind(
+        config_from_dict=functools.partial(config_from_dict, cls=LoRAConfig),
+        make_model=_adapted_model,
+        references=lambda config: (_base_of(config),),
+        conditioning=_label_conditioning,  # sampled on its base (sample.py --lora), with the new classes
+    ),
 }
-TRAINABLE = ("denoiser", "text", "autoencoder", "latent", "distill")  # the kinds that train.py trains and resumes
+TRAINABLE = ("denoiser", "text", "autoencoder", "latent", "distill", "lora")  # the kinds train.py trains, resumes
 GENERATIVE = ("denoiser", "text", "latent", "distill")  # the kinds that sample.py and evaluate.py sample from
 
 
@@ -301,6 +336,11 @@ class Loaded(NamedTuple):
 
 def check_generative(opened: Checkpoint) -> None:
     """Raise a CheckpointError unless the checkpoint holds a model that generates images."""
+    if opened.kind == "lora":
+        raise CheckpointError(
+            f"{opened.path} holds a LoRA adapter: sample from its base with it, "
+            f"sample.py --checkpoint {opened.config.base} --lora {run_folder(opened.path)}"
+        )
     if opened.kind not in GENERATIVE:
         raise CheckpointError(
             f"{opened.path} holds an {opened.kind}, which does not generate images: sample from a latent run "
@@ -411,6 +451,37 @@ def _student_overrides(preset: str, overrides: dict) -> dict:
     }
 
 
+def open_base(path) -> Checkpoint:
+    """A base for an adapter: a class-conditional pixel-space denoiser run (anything else is a ConfigError)."""
+    opened = open_checkpoint(path)
+    if opened.kind != "denoiser" or not opened.config.num_classes:
+        raise ConfigError(
+            f"{opened.path} holds a {opened.kind} model: LoRA here adapts a class-conditional pixel-space denoiser "
+            "(train.py --preset cpu)"
+        )
+    return opened
+
+
+def _adapter_overrides(preset: str, overrides: dict) -> dict:
+    """An adapter run's overrides with its base pinned (see ``start_config``)."""
+    opened = open_base(overrides.get("base", LoRAConfig.base))
+    pinned = {field: getattr(opened.config, field) for field in TEACHER_FIELDS if field != "num_classes"}
+    for field, value in pinned.items():
+        if field in overrides and overrides[field] != value:
+            raise ConfigError(f"an adapter has its base's {field} ({value!r}): leave the flag out")
+    settings = {**configs.PRESETS[preset], **overrides}
+    concept, letters = settings.get("concept", LoRAConfig.concept), settings.get("letters", LoRAConfig.letters)
+    new_classes = len(letters) if concept == "letters" else 0
+    return {
+        **pinned,
+        **overrides,
+        "base": str(opened.path.resolve()),
+        "base_sha256": opened.sha256,
+        "base_num_classes": opened.config.num_classes,
+        "num_classes": opened.config.num_classes + new_classes,
+    }
+
+
 def start_config(preset: str = "cpu", **overrides) -> Config:
     """The config of a new run: ``configs.make_config(preset, **overrides)``, with the runs it depends on pinned.
 
@@ -422,6 +493,8 @@ def start_config(preset: str = "cpu", **overrides) -> Config:
     the method and the student's steps (``progressive-32``; ``consistency``)."""
     if configs.config_class(preset) is DistillConfig:
         overrides = _student_overrides(preset, overrides)
+    if configs.config_class(preset) is LoRAConfig:
+        overrides = _adapter_overrides(preset, overrides)
     if configs.config_class(preset) is LatentConfig:
         opened, scale = open_autoencoder(overrides.get("autoencoder", LatentConfig.autoencoder))
         ae = opened.config
@@ -455,3 +528,98 @@ def load_teacher(config: DistillConfig, run_dir) -> nnx.Module:
     found = check_reference(_teacher_of(config), run_dir, run_dir)
     kind, teacher_config = read_config(found)
     return load_model(Checkpoint(found, kind, teacher_config, config.teacher_sha256))
+
+
+# --- Adapters ------------------------------------------------------------------------------
+
+
+def load_base(config: LoRAConfig, run_dir) -> nnx.Module:
+    """The base of the adapter run in ``run_dir``: its EMA weights, checked against the pinned sha256."""
+    found = check_reference(_base_of(config), run_dir, run_dir)
+    kind, base_config = read_config(found)
+    return load_model(Checkpoint(found, kind, base_config, config.base_sha256))
+
+
+ADAPTER_FILE = "adapter.safetensors"  # in every checkpoint of an adapter run: the EMA of what it trains
+
+
+def trained_variables(config: LoRAConfig):
+    """What an adapter run trains: its adapter (``nnx.LoRAParam``: low-rank factors and new label rows), or for a
+    full fine-tune every ``nnx.Param``."""
+    return nnx.LoRAParam if config.method == "lora" else nnx.Param
+
+
+def _flat(state) -> dict:
+    return {"/".join(map(str, path)): variable for path, variable in nnx.to_flat_state(state)}
+
+
+def adapter_bytes(config: LoRAConfig, weights) -> bytes:
+    """An adapter file: the arrays of ``weights`` (an ``nnx.State`` of what the run trains) named by their key
+    paths, and the run's config as JSON in the header, in the safetensors format (no pickle: a JSON header and
+    raw little-endian arrays)."""
+    arrays = {name: np.asarray(variable.get_value()) for name, variable in _flat(weights).items()}
+    return safetensors.numpy.save(arrays, metadata={"config": json.dumps(config.to_dict())})
+
+
+class Adapter(NamedTuple):
+    """An adapter file, opened: its path, its run's config, its sha256 and its arrays by key path."""
+
+    path: Path
+    config: LoRAConfig
+    sha256: str
+    arrays: dict
+
+
+def open_adapter(path) -> Adapter:
+    """An adapter run folder (its last checkpoint's file), checkpoint folder or ``adapter.safetensors`` file,
+    read; a CheckpointError that says what to do if it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_checkpoint(path) / ADAPTER_FILE
+    try:
+        sha256 = sha256_of(path)
+        with safetensors.safe_open(path, "numpy") as f:
+            values = json.loads((f.metadata() or {})["config"])
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"adapter {path} does not exist: train one with train.py --preset lora") from None
+    except (OSError, ValueError, KeyError, safetensors.SafetensorError) as error:
+        raise CheckpointError(f"{path} is not an adapter file this code can read ({error})") from None
+    try:
+        config = config_from_dict(values, cls=LoRAConfig)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"adapter {path} has settings this code cannot use ({error})") from None
+    return Adapter(path, config, sha256, arrays)
+
+
+def attach(model: UNet, base: Checkpoint, adapter: Adapter, scale: float = 1.0) -> list:
+    """Put ``adapter`` on ``model`` (loaded from the checkpoint ``base``, perhaps with adapters already), in
+    place, at ``scale``; returns its ``diffusion.lora.LoRA`` wrappers (none for a full fine-tune).
+
+    The adapter must have been trained on exactly these weights (the sha256 it pinned); a full fine-tune, which
+    replaces every weight, goes on the bare base only, at scale 1.
+    """
+    config = adapter.config
+    if config.base_sha256 != base.sha256:
+        raise CheckpointError(
+            f"adapter {adapter.path} was trained on a base of sha256 {config.base_sha256[:12]}…, but "
+            f"{base.path} has sha256 {base.sha256[:12]}…: use it with the base it was trained on, {config.base}"
+        )
+    if config.method == "full" and (lora.adapters(model) or scale != 1.0 or model.num_classes != base.config.num_classes):
+        raise CheckpointError(f"{adapter.path} is a full fine-tune: it replaces every weight, so it goes alone on "
+                              "its base, at scale 1")
+    trains = trained_variables(config)
+    expected = _flat(nnx.state(nnx.eval_shape(lambda: _adapted_model(config, nnx.Rngs(0))), trains))
+    found = {name: (array.shape, array.dtype) for name, array in adapter.arrays.items()}
+    if found != {name: (v.shape, np.dtype(v.dtype)) for name, v in expected.items()}:
+        missing = sorted(set(expected) - set(found)) or sorted(set(found) - set(expected))
+        raise CheckpointError(f"adapter {adapter.path} does not hold this adapter's arrays (first difference: "
+                              f"{missing[:1] or 'shapes'}): it is damaged, or made by another version")
+    wrappers = adapt(model, config, nnx.Rngs(0))  # the weights are read from the file next
+    trained = nnx.state(model, trains)
+    for name, variable in _flat(trained).items():
+        if name in found:  # the other variables are those of adapters attached before
+            variable.set_value(jnp.asarray(adapter.arrays[name]))
+    nnx.update(model, trained)
+    lora.set_scale(wrappers, scale)
+    return wrappers

@@ -15,6 +15,10 @@
   cosine decay of the learning rate, and update an exponential moving average
   (EMA) of the weights, the copy used for sampling. The step is a pure
   function of (state, batch), compiled once with ``jax.jit``.
+- **Adapters.** An adapter run (``LoRAConfig``) trains only its adapter, the
+  ``nnx.LoRAParam``s of ``diffusion.lora`` (or, a full fine-tune, every
+  weight), on its concept's images: the state holds and checkpoints what
+  trains, and the frozen base enters the step as an argument, like a teacher.
 - **Randomness.** Step k's key is ``fold_in(key, k)``: labels dropped, times,
   noise and dropout depend only on the seed and the step. The k-th batch
   likewise (``diffusion.data.batches``), and its captions. That is what lets a resumed run end
@@ -60,7 +64,8 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from diffusion import (
-    autoencoder, captions, checkpoint, data, distillation, files, guidance, latent, pictures, losses, runs, samplers,
+    autoencoder, captions, checkpoint, concepts, data, distillation, files, guidance, latent, pictures, losses, runs,
+    samplers,
 )
 from diffusion.configs import Config, RunConfig, check_compatible
 from diffusion.errors import ConfigError
@@ -111,6 +116,25 @@ def init_state(config: Config, teacher: nnx.Module | None = None):
         opt_state=make_optimizer(config).init(params),
     )
     return graphdef, state
+
+
+def init_adapter_state(config, base: nnx.Module):
+    """An adapter run's model: a copy of its ``base`` with the run's adapter (``runs.adapt``; the seed draws its
+    initial A and new label rows, B starts at zero). Returns (graphdef, TrainState of what trains, the frozen
+    rest): only ``runs.trained_variables`` train and are checkpointed; the base's weights are read, never
+    updated."""
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    model = nnx.clone(base)
+    runs.adapt(model, config, nnx.Rngs(init_key))
+    graphdef, params, frozen = nnx.split(model, runs.trained_variables(config), ...)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(train_key),
+        params=params,
+        ema=jax.tree.map(jnp.copy, params),
+        opt_state=make_optimizer(config).init(params),
+    )
+    return graphdef, state, frozen
 
 
 def drop_labels(key, labels, p: float, null_label: int):
@@ -190,13 +214,14 @@ def distillation_objective(config, teacher_graphdef):
     return loss
 
 
-def train_step(state: TrainState, x0, cond, teacher=None, *, graphdef, config: Config, teacher_graphdef=None):
+def train_step(state: TrainState, x0, cond, fixed=None, *, graphdef, config: Config, teacher_graphdef=None):
     """One optimisation step on a batch: returns (new state, metrics). Pure; compiled by ``make_train_step``.
 
     x0: the batch's images in the model range, or for a latent run the posteriors of their latents
     (``diffusion.latent.posterior_moments``), from which the step draws them.
     cond: the batch's labels (B,), or for a text run its prompts' token ids (B, L).
-    teacher: a distillation run's teacher weights (an ``nnx.State`` of ``teacher_graphdef``), never updated.
+    fixed: weights the step reads but never updates: a distillation run's teacher's (an ``nnx.State`` of
+    ``teacher_graphdef``), or an adapter run's frozen base (the rest of ``graphdef`` beside ``state.params``).
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     key_labels, key_loss, key_dropout = jax.random.split(key, 3)
@@ -211,12 +236,12 @@ def train_step(state: TrainState, x0, cond, teacher=None, *, graphdef, config: C
         x0 = latent.sample_latents(x0, key_latents, config.latent_scale)
 
     def loss_fn(params):
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, params, fixed) if config.kind == "lora" else nnx.merge(graphdef, params)
         if config.kind != "autoencoder":  # (an autoencoder has no dropout)
             model = functools.partial(model, dropout_key=key_dropout)
         if config.kind == "distill":
             target = nnx.merge(graphdef, state.ema)
-            return distillation_objective(config, teacher_graphdef)(model, target, teacher, x0, cond, key_loss)
+            return distillation_objective(config, teacher_graphdef)(model, target, fixed, x0, cond, key_loss)
         return objective(config)(model, x0, cond, key_loss)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -243,13 +268,13 @@ def make_mesh(devices: int = 0) -> Mesh:
 
 def make_train_step(config: Config, graphdef, mesh: Mesh, teacher_graphdef=None):
     """``train_step`` compiled for ``mesh``: batch split over "data", state replicated, old state donated; a
-    distillation run's step takes the teacher's weights (of ``teacher_graphdef``) as a fourth, replicated
-    argument."""
+    distillation run's step takes the teacher's weights (of ``teacher_graphdef``), an adapter run's its frozen
+    base, as a fourth, replicated argument."""
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    teacher = (replicated,) if teacher_graphdef is not None else ()
+    fixed = (replicated,) if teacher_graphdef is not None or config.kind == "lora" else ()
     return jax.jit(
         functools.partial(train_step, graphdef=graphdef, config=config, teacher_graphdef=teacher_graphdef),
-        in_shardings=(replicated, split, split) + teacher,
+        in_shardings=(replicated, split, split) + fixed,
         out_shardings=replicated,
         donate_argnums=0,
     )
@@ -297,7 +322,8 @@ def _save(config: Config, state: TrainState, **meta) -> Path:
     if jax.process_index() == 0:
         key = host_state.rng.tolist()
         meta = {"data_position": step, "seed": config.seed, "rng_key_data": key, "jax_version": jax.__version__, **meta}
-        checkpoint.save(directory, step, host_state, config.to_dict(), meta, config.keep_checkpoints)
+        others = {runs.ADAPTER_FILE: runs.adapter_bytes(config, host_state.ema)} if config.kind == "lora" else {}
+        checkpoint.save(directory, step, host_state, config.to_dict(), meta, config.keep_checkpoints, others)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"checkpoint {step}")
     return path
@@ -375,9 +401,9 @@ def grid_of(config: RunConfig, space: latent.LatentSpace | None = None):
     return functools.partial(sample_grid, config=config, space=space)
 
 
-def _save_samples(config: RunConfig, graphdef, state: TrainState, draw) -> None:
-    grid = draw(nnx.merge(graphdef, to_host(state.ema)))
-    path = runs.samples_path(config.run_dir, int(to_host(state.step)))
+def _save_samples(config: RunConfig, model, step: int, draw) -> None:
+    grid = draw(model)
+    path = runs.samples_path(config.run_dir, step)
     files.write_atomically({path: pictures.png_bytes(grid, {})})
 
 
@@ -396,7 +422,8 @@ def kind_meta(config: RunConfig, graphdef, state: TrainState, train_images) -> d
 def load_training_data(config: RunConfig, space: latent.LatentSpace | None = None):
     """The training split of ``config.dataset`` as (uint8 images, labels), checked against the config; for a text
     run the labels are the rows of ``diffusion.captions.digit_table`` (label and attribute bins); for a latent run
-    the images are encoded by its ``space`` into the posteriors of their latents (``latent.posterior_moments``)."""
+    the images are encoded by its ``space`` into the posteriors of their latents (``latent.posterior_moments``); for
+    an adapter run they are its concept's (``diffusion.concepts``)."""
     pixels, labels = data.load_dataset(config.dataset, "train")
     shape = data.to_model_range(pixels[:1]).shape[1:]
     if shape != (config.image_size, config.image_size, config.in_channels):
@@ -411,6 +438,14 @@ def load_training_data(config: RunConfig, space: latent.LatentSpace | None = Non
         )
     if config.kind == "text":
         return pixels, captions.digit_table(pixels, labels)
+    if config.kind == "lora":  # the new concept: rendered letters under new labels, or digits drawn in a style
+        if config.concept == "letters":
+            letters, index = concepts.render_letters(config.letters, config.concept_images, config.seed)
+            prior = np.random.default_rng(config.seed).permutation(len(pixels))[: config.prior_images]
+            return (np.concatenate([letters, pixels[prior]]),
+                    np.concatenate([config.base_num_classes + index, labels[prior]]))
+        chosen = slice(0, config.concept_images)
+        return concepts.stylize(pixels[chosen], config.concept), labels[chosen]
     if space is not None:
         return latent.posterior_moments(space, pixels), labels
     return pixels, labels
@@ -461,14 +496,19 @@ def train(config: Config, callback=None) -> TrainState:
             raise ConfigError(f"{folder} is a file, not a folder: choose another --runs-dir or --name")
     space = runs.load_latent_space(config, config.run_dir) if config.kind == "latent" else None
     teacher = runs.load_teacher(config, config.run_dir) if config.kind == "distill" else None
+    base = runs.load_base(config, config.run_dir) if config.kind == "lora" else None
     train_images, train_labels = load_training_data(config, space)
     draw = grid_of(config, space) if config.sample_every else None
     metrics_path = config.run_dir / "metrics.jsonl"
+    frozen = None  # an adapter run's frozen base weights
 
     if config.resume:
         last = runs.last_to_resume(config.run_dir)
         check_compatible(runs.read_config(last)[1], config, last)
-        graphdef, template = jax.eval_shape(lambda: init_state(config))  # shapes only: no initialisation needed
+        if base is not None:
+            graphdef, template, frozen = init_adapter_state(config, base)
+        else:
+            graphdef, template = jax.eval_shape(lambda: init_state(config))  # shapes only: no initialisation needed
         state = checkpoint.load(last, template)
         start = int(checkpoint.read_json(last, "meta.json")["data_position"])
         if is_main:
@@ -479,7 +519,8 @@ def train(config: Config, callback=None) -> TrainState:
             raise ConfigError(
                 f"{config.run_dir} already holds checkpoints; pass --resume to continue it, or choose another --name"
             )
-        graphdef, state = init_state(config, teacher)
+        graphdef, state, frozen = init_adapter_state(config, base) if base is not None else (
+            *init_state(config, teacher), None)
         start = 0
         if is_main:
             config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -494,8 +535,15 @@ def train(config: Config, callback=None) -> TrainState:
         compiled, teacher_weights = make_train_step(config, graphdef, mesh, teacher_graphdef), put_state(
             mesh, teacher_weights)
         step_fn = lambda state, x, cond: compiled(state, x, cond, teacher_weights)  # noqa: E731
+    elif frozen is not None:
+        compiled, frozen = make_train_step(config, graphdef, mesh), put_state(mesh, frozen)
+        step_fn = lambda state, x, cond: compiled(state, x, cond, frozen)  # noqa: E731
     else:
         step_fn = make_train_step(config, graphdef, mesh)
+
+    def ema_model():  # the moving average of the weights (with an adapter run's frozen base), for the grids
+        return nnx.merge(graphdef, to_host(state.ema), *([] if frozen is None else [to_host(frozen)]))
+
     batches = data.batches(train_images, train_labels, config.batch_size, config.seed, start_step=start)
     first_step, interval_losses, timed_steps, step_seconds = int(state.step) + 1, [], 0, 0.0
     bar = tqdm(total=config.steps, initial=int(state.step), disable=not is_main, desc=config.name, unit="step")
@@ -527,7 +575,7 @@ def train(config: Config, callback=None) -> TrainState:
                 if is_main:
                     plot_loss(metrics_path, config.run_dir / "loss.png")
             if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
-                _save_samples(config, graphdef, state, draw)
+                _save_samples(config, ema_model(), done, draw)
             if ctrl_c.pressed:
                 print(f"interrupted at step {done}: saved {saved}; continue with --name {config.name} --resume")
                 break

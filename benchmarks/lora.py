@@ -1,0 +1,179 @@
+"""The LoRA table: adapters of ranks 1, 4 and 16 beside a full fine-tune, on a new letter and on a style.
+
+    .venv/bin/python benchmarks/lora.py [--base runs/default] [--steps 400] [--n 1000] [--concept-n 200]
+
+For each concept (the letter "A" as a new class, and hollow digits, ``diffusion.concepts``) and each method (LoRA
+at ``--ranks``, alpha = r, on the default layers; and every weight fine-tuned), an adapter run of ``--steps``
+steps is trained from the same base into ``--runs-dir`` and measured:
+
+- its size: trainable numbers (and their share of the base's), the adapter file's bytes, the training time on
+  this machine (the same steps and batches for every method);
+- the new concept's quality, judged by a classifier built for it and validated on held-out data
+  (``diffusion.concepts.letter_judge`` / ``style_judge``): the share of ``--concept-n`` generated "A"s judged
+  "A", or the share of n generated digits judged hollow and the right digit;
+- forgetting: the base digits' classifier accuracy, FID and recall (``diffusion.metrics``) at adapter scales 0,
+  0.5 and 1 (scale 0 checked bit-identical to the base), and the full fine-tune's.
+
+Every generation uses the base's default settings (DDIM 25 steps, guidance 1.75 in its interval), seeds from 0.
+Writes ``<out>/lora.md`` and the raw rows as ``<out>/lora.jsonl``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffusion import concepts, data, generate, lora, metrics, runs, training
+
+SCALES = (0.0, 0.5, 1.0)
+LETTER = "A"
+STYLE = "hollow"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=runs.DEFAULT_RUN)
+    parser.add_argument("--runs-dir", default="runs/lora-benchmark", help="where the adapter runs go (replaced)")
+    parser.add_argument("--ranks", default="1,4,16")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--n", type=int, default=1000, help="digits per measurement (100 per class)")
+    parser.add_argument("--concept-n", type=int, default=200, help="generated letters per measurement")
+    parser.add_argument("--out", default="docs")
+    return parser.parse_args(argv)
+
+
+def draw(base, labels, n_per_label, adapter=None, scale=1.0):
+    """n_per_label images per label from the base (with ``adapter`` at ``scale``), seeds from 0, the base's
+    default settings; returns (uint8 images as a PNG keeps them, labels, the sampler's float images)."""
+    loras = () if adapter is None else ((str(adapter.path), scale, adapter.sha256),)
+    settings = generate.default_settings(base, seeds=tuple(range(n_per_label)), labels=tuple(labels), loras=loras)
+    generation = generate.generate(settings, checkpoint=base)
+    return data.from_model_range(generation.images), np.asarray(generation.labels), generation.images
+
+
+def digit_metrics(images, labels) -> dict:
+    found = metrics.evaluate_digits(images, labels)
+    return {k: found[k] for k in ("accuracy", "fid", "recall", "floor")}
+
+
+def train_adapter(base, runs_dir: Path, concept: str, method: str, rank: int | None, steps: int):
+    preset = "lora" if concept == "letters" else "lora-style"
+    name = f"{concept}-{'full' if method == 'full' else f'r{rank}'}"
+    overrides = dict(rank=rank, alpha=float(rank)) if method == "lora" else {}
+    config = runs.start_config(preset, runs_dir=str(runs_dir), name=name, base=str(base.path), method=method,
+                               steps=steps, sample_every=0, **overrides)
+    started = time.perf_counter()
+    state = training.train(config)
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return config, state, seconds, rows[-1]["images_per_s"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = runs.open_checkpoint(args.base)
+    runs_dir = Path(args.runs_dir)
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    per_class = args.n // 10
+    base_params = lora.count(runs.load_model(base))
+
+    started = time.perf_counter()
+    letter_judge = concepts.letter_judge(LETTER)
+    hollow_judge = concepts.style_judge(STYLE)
+    judges = {"letter": concepts.validate_letter_judge(letter_judge, LETTER),
+              "hollow": concepts.validate_style_judge(hollow_judge, STYLE), "seconds": time.perf_counter() - started}
+    print("judges:", judges, flush=True)
+
+    base_digits, digit_labels, base_floats = draw(base, range(10), per_class)
+    rows = [{"concept": "base", "method": "base", **digit_metrics(base_digits, digit_labels),
+             "hollow": concepts.concept_accuracy(hollow_judge, base_digits, 10 + digit_labels)}]
+    print(rows[-1], flush=True)
+    for concept in ("letters", STYLE):
+        for method, rank in [("lora", r) for r in ranks] + [("full", None)]:
+            config, state, seconds, images_per_s = train_adapter(base, runs_dir, concept, method, rank, args.steps)
+            adapter = runs.open_adapter(config.run_dir)
+            trainable = sum(np.asarray(a).size for a in adapter.arrays.values())
+            row = {"concept": concept, "method": method, "rank": rank, "trainable": trainable,
+                   "share": trainable / base_params, "file_bytes": adapter.path.stat().st_size,
+                   "train_s": seconds, "images_per_s": images_per_s, "steps": args.steps}
+            for scale in (SCALES if method == "lora" else (1.0,)):
+                digits, labels, floats = draw(base, range(10), per_class, adapter, scale)
+                at = {**digit_metrics(digits, labels),
+                      "hollow": concepts.concept_accuracy(hollow_judge, digits, 10 + labels),
+                      "hollow_right_digit": float(np.mean(concepts.judge_predictions(hollow_judge, digits) % 10
+                                                          == labels))}
+                if scale == 0.0:
+                    at["identical_to_base"] = bool(np.array_equal(floats, base_floats))
+                if concept == "letters":
+                    letters, _, _ = draw(base, (10,), args.concept_n, adapter, scale)
+                    at["letter"] = concepts.concept_accuracy(letter_judge, letters, 10)
+                row[f"scale {scale:g}"] = at
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    with open(out / "lora.jsonl", "w") as f:
+        f.write(json.dumps({"machine": machine, "judges": judges, "args": vars(args)}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    (out / "lora.md").write_text(report(rows, judges, args, machine))
+    print(f"wrote {out / 'lora.md'}")
+    return 0
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def report(rows, judges, args, machine) -> str:
+    base = rows[0]
+    lines = [
+        "# LoRA: what an adapter costs and what it keeps",
+        "",
+        f"Written by `benchmarks/lora.py` ({args.steps} steps, batch 32, {args.n} digits and {args.concept_n} "
+        f"letters per measurement) on {machine}. Base: `{args.base}`, whose digits score accuracy "
+        f"{_pct(base['accuracy'])}, classifier FID {base['fid']:.1f} (real-data floor {base['floor']:.1f}), "
+        f"recall {base['recall']:.2f}.",
+        "",
+        f"Judges: the letter judge scores {_pct(judges['letter']['letters'])} on held-out rendered letters and "
+        f"{_pct(judges['letter']['digits'])} on the test digits; the hollow judge "
+        f"{_pct(judges['hollow']['styled'])} on hollow test digits (style and digit right) and "
+        f"{_pct(judges['hollow']['plain'])} on plain ones.",
+        "",
+    ]
+    for concept, quality, name in (("letters", "letter", f'"{LETTER}" judged "{LETTER}"'),
+                                   (STYLE, "hollow", "digits judged hollow and the right digit")):
+        lines += [
+            f"## {'The letter ' + LETTER + ' as a new class' if concept == 'letters' else 'Hollow digits, a style'}",
+            "",
+            f"| method | trainable | share of base | file | training | {name} (scale 1) | digit accuracy "
+            "0 / 0.5 / 1 | FID 0 / 0.5 / 1 | recall 1 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows[1:]:
+            if row["concept"] != concept:
+                continue
+            scales = [row.get(f"scale {s:g}") for s in SCALES]
+            accuracy = " / ".join("–" if s is None else _pct(s["accuracy"]) for s in scales)
+            fid = " / ".join("–" if s is None else f"{s['fid']:.1f}" for s in scales)
+            one = row["scale 1"]
+            lines.append(
+                f"| {'LoRA r = ' + str(row['rank']) if row['method'] == 'lora' else 'full fine-tune'} | "
+                f"{row['trainable']:,} | {_pct(row['share'])} | {row['file_bytes'] / 1024:.0f} KiB | "
+                f"{row['train_s']:.0f} s | {_pct(one[quality])} | {accuracy} | {fid} | {one['recall']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
