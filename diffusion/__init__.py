@@ -15,6 +15,8 @@ One idea per module, from the ground floor up (each imports only modules above i
 - ``guidance``   classifier-free guidance, negative conditions, guidance rescale
 - ``editing``    img2img (SDEdit strength), inpainting (with RePaint), DDIM inversion
 - ``unet``       the denoising U-Net (Flax NNX), its config, and its adapter to the samplers
+- ``lora``       low-rank adapters (LoRA) of a trained U-Net, new class labels, merging
+- ``concepts``   fine-tuning data made on the spot (rendered letters, styled digits) and their judges
 - ``losses``     the training objectives: eps / x0 / v (optionally min-SNR weighted), flow matching
 - ``configs``    what a run is: its settings, the presets, their checks
 - ``runs``       where a run lives: its folder, checkpoints, kind of model, loading it in one call

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from diffusion import concepts, data, distillation, lora, tokenizer
 from diffusion.autoencoder import RECONSTRUCTION_LOSSES, AutoencoderConfig
-from diffusion.errors import ConfigError, check_whole
+from diffusion.errors import ConfigError, InputError, check_whole
 from diffusion.schedules import BETA_SCHEDULES, Schedule, timesteps
 from diffusion.text_encoder import TextEncoderConfig
 from diffusion.unet import UNET_FIELDS, UNetConfig
@@ -361,10 +361,11 @@ class LoRAConfig(Config):
     groups ``targets`` trains, and new label rows) or ``full`` (every weight trains: the comparison LoRA is
     measured against). ``concept`` is what is taught: ``letters`` (``concept_images`` renderings of each of
     ``letters``, each a new class label after the base's, ``diffusion.concepts.render_letters``) or a style of
-    ``diffusion.concepts.STYLES`` (the first ``concept_images`` training digits drawn in it, under their own
-    labels). New letters train beside ``prior_images`` of the base's training digits (prior preservation). The base is pinned when the run starts (``diffusion.runs.start_config``): its architecture fields
-    are copied from its config (``base_num_classes`` its classes; ``num_classes`` counts the new ones too) and
-    the sha256 of its weights recorded.
+    ``diffusion.concepts.STYLES`` (``concept_images`` training digits, drawn at random with the seed, redrawn in
+    it, under their own labels). New letters train beside ``prior_images`` of the base's training digits (prior
+    preservation). The base is pinned when the run starts (``diffusion.runs.start_config``): its architecture
+    fields are copied from its config (``base_num_classes`` its classes; ``num_classes`` counts the new ones
+    too) and the sha256 of its weights recorded.
     """
 
     kind: ClassVar[str] = "lora"
@@ -374,8 +375,10 @@ class LoRAConfig(Config):
     base: str = "runs/default"  # the base run folder (or one of its checkpoint folders)
     base_sha256: str = ""  # pinned: the sha256 of its weights
     base_num_classes: int = 0  # pinned: the base's classes (new ones are numbered after them)
-    rank: int = 1
-    alpha: float = 1.0
+    # Rank 4 on the default layers: 7.8 % of the default base's numbers. The letter A came out as asked in 89 % of
+    # draws (rank 1: 67 %, rank 16: 94 %, every weight fine-tuned: 98 %); hollow digits in 81 % (docs/lora.md).
+    rank: int = 4
+    alpha: float = 4.0  # alpha / rank = 1
     targets: tuple[str, ...] = lora.AdapterConfig.targets
     concept: str = "letters"  # letters, or a style of diffusion.concepts.STYLES
     letters: str = "A"  # concept letters: one new class label each
@@ -404,9 +407,11 @@ class LoRAConfig(Config):
         new = len(self.letters) if self.concept == "letters" else 0
         _need(self.num_classes == self.base_num_classes + new,
               f"num_classes is the base's {self.base_num_classes} and the {new} new ones: leave the flag out")
-        _need(self.concept != "letters" or (self.letters.isascii() and self.letters.isalpha()
-                                              and len(set(self.letters)) == len(self.letters)),
-              f"letters must be distinct letters A-Z or a-z, each a new class (got {self.letters!r})")
+        if self.concept == "letters":
+            try:
+                concepts.check_letters(self.letters)
+            except InputError as error:
+                raise ConfigError(str(error)) from None
         self.adapter  # the adapter's own checks (a ConfigError)
 
     @property

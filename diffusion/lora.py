@@ -234,16 +234,18 @@ def set_scale(wrappers: list[LoRA], scale: float) -> None:
     for wrapper in wrappers:
         if wrapper.merged:
             raise InputError("the adapter is merged into the base weights: unmerge it before changing its scale")
-        wrapper.scale[...] = jnp.asarray(scale, jnp.float32)
+        wrapper.scale.set_value(jnp.asarray(scale, jnp.float32))
 
 
 def merge(model: nnx.Module) -> None:
     """Add every adapter's update into its base kernel, W = W0 + scale · (alpha / r) A B (Hu et al., Sec. 4.2),
-    in place: the model then costs what the base costs. ``unmerge`` undoes it (to float rounding)."""
+    in place: the model then costs what the base costs. ``unmerge`` undoes it (to float rounding). Each kernel
+    variable gets a new array (``set_value``), never writes into the old one, which a copy of the model, or
+    NumPy arrays loaded from a checkpoint, may share."""
     for wrapper in adapters(model):
         if not wrapper.merged:
             layer = innermost(wrapper)
-            layer.kernel[...] = layer.kernel[...] + wrapper.delta().astype(layer.kernel.dtype)
+            layer.kernel.set_value(jnp.asarray(layer.kernel[...]) + wrapper.delta().astype(layer.kernel.dtype))
             wrapper.merged = True
 
 
@@ -252,7 +254,7 @@ def unmerge(model: nnx.Module) -> None:
     for wrapper in adapters(model):
         if wrapper.merged:
             layer = innermost(wrapper)
-            layer.kernel[...] = layer.kernel[...] - wrapper.delta().astype(layer.kernel.dtype)
+            layer.kernel.set_value(jnp.asarray(layer.kernel[...]) - wrapper.delta().astype(layer.kernel.dtype))
             wrapper.merged = False
 
 

@@ -469,6 +469,8 @@ def _adapter_overrides(preset: str, overrides: dict) -> dict:
     for field, value in pinned.items():
         if field in overrides and overrides[field] != value:
             raise ConfigError(f"an adapter has its base's {field} ({value!r}): leave the flag out")
+    if "num_classes" in overrides:
+        raise ConfigError("an adapter has its base's classes and one new class per letter: leave num_classes out")
     settings = {**configs.PRESETS[preset], **overrides}
     concept, letters = settings.get("concept", LoRAConfig.concept), settings.get("letters", LoRAConfig.letters)
     new_classes = len(letters) if concept == "letters" else 0
@@ -605,7 +607,8 @@ def attach(model: UNet, base: Checkpoint, adapter: Adapter, scale: float = 1.0) 
             f"adapter {adapter.path} was trained on a base of sha256 {config.base_sha256[:12]}…, but "
             f"{base.path} has sha256 {base.sha256[:12]}…: use it with the base it was trained on, {config.base}"
         )
-    if config.method == "full" and (lora.adapters(model) or scale != 1.0 or model.num_classes != base.config.num_classes):
+    alone = not lora.adapters(model) and model.num_classes == base.config.num_classes
+    if config.method == "full" and not (alone and scale == 1.0):
         raise CheckpointError(f"{adapter.path} is a full fine-tune: it replaces every weight, so it goes alone on "
                               "its base, at scale 1")
     trains = trained_variables(config)

@@ -108,14 +108,18 @@ def init_state(config: Config, teacher: nnx.Module | None = None):
     if teacher is not None:
         nnx.update(model, nnx.state(teacher))
     graphdef, params = nnx.split(model)
-    state = TrainState(
+    return graphdef, fresh_state(config, params, train_key)
+
+
+def fresh_state(config, params: nnx.State, train_key) -> TrainState:
+    """The state before step 1: ``params`` (and their EMA, a copy), a fresh optimizer, the training key."""
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(train_key),
         params=params,
         ema=jax.tree.map(jnp.copy, params),
         opt_state=make_optimizer(config).init(params),
     )
-    return graphdef, state
 
 
 def init_adapter_state(config, base: nnx.Module):
@@ -127,14 +131,7 @@ def init_adapter_state(config, base: nnx.Module):
     model = nnx.clone(base)
     runs.adapt(model, config, nnx.Rngs(init_key))
     graphdef, params, frozen = nnx.split(model, runs.trained_variables(config), ...)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(train_key),
-        params=params,
-        ema=jax.tree.map(jnp.copy, params),
-        opt_state=make_optimizer(config).init(params),
-    )
-    return graphdef, state, frozen
+    return graphdef, fresh_state(config, params, train_key), frozen
 
 
 def drop_labels(key, labels, p: float, null_label: int):
@@ -439,12 +436,13 @@ def load_training_data(config: RunConfig, space: latent.LatentSpace | None = Non
     if config.kind == "text":
         return pixels, captions.digit_table(pixels, labels)
     if config.kind == "lora":  # the new concept: rendered letters under new labels, or digits drawn in a style
+        chosen = np.random.default_rng(config.seed).permutation(len(pixels))  # (the digits come grouped by class)
         if config.concept == "letters":
             letters, index = concepts.render_letters(config.letters, config.concept_images, config.seed)
-            prior = np.random.default_rng(config.seed).permutation(len(pixels))[: config.prior_images]
+            prior = chosen[: config.prior_images]
             return (np.concatenate([letters, pixels[prior]]),
                     np.concatenate([config.base_num_classes + index, labels[prior]]))
-        chosen = slice(0, config.concept_images)
+        chosen = chosen[: config.concept_images]
         return concepts.stylize(pixels[chosen], config.concept), labels[chosen]
     if space is not None:
         return latent.posterior_moments(space, pixels), labels

@@ -151,6 +151,18 @@ def test_italic_shears_by_the_fixed_amount_and_stays_centred(test_digits):
     np.testing.assert_allclose(italic.sum(axis=(1, 2)), images.sum(axis=(1, 2)), rtol=0.1)
 
 
+def test_shears_add_up_and_a_shift_moves_whole_pixels(test_digits):
+    images = test_digits[0][:50]
+    np.testing.assert_array_equal(concepts.shear(images, 0.0), images)  # no shear: no resampling at all
+    twice = concepts.shear(concepts.shear(images, 0.15), 0.2).astype(int)
+    once = concepts.shear(images, 0.35).astype(int)
+    assert np.abs(twice - once).mean() < 5  # the same picture, bar the rounding of one extra interpolation
+    moved = concepts.shear(images, 0.0, shift=(1, -2))
+    np.testing.assert_array_equal(moved[:, 1:, :-2], images[:, :-1, 2:])
+    per_image = concepts.shear(images[:2], [0.0, 0.35])
+    np.testing.assert_array_equal(per_image, np.stack([images[0], concepts.italic(images[1:2])[0]]))
+
+
 def test_slant_sees_a_sheared_bar():
     # A vertical bar leans right by 0.5 columns per row once its top is moved right.
     bar = np.zeros((2, 28, 28), np.uint8)
@@ -188,6 +200,8 @@ def test_train_classifier_fits_more_than_ten_classes():
     assert concepts.concept_accuracy(model, test_images, test_labels) == np.mean(logits.argmax(axis=1) == test_labels)
     eleven = test_labels == 11
     assert concepts.concept_accuracy(model, test_images[eleven], 11) == np.mean(logits[eleven].argmax(axis=1) == 11)
+    with pytest.raises(ValueError, match="one per image"):
+        concepts.concept_accuracy(model, test_images, test_labels[:5])
 
 
 def test_train_classifier_still_makes_ten_classes_by_default_and_checks_labels():
@@ -218,7 +232,8 @@ def test_style_judge_has_twenty_classes_and_validates():
     judge = concepts.style_judge("hollow", steps=25)
     assert judge.head.out_features == 20
     scores = concepts.validate_style_judge(judge, "hollow")
-    assert set(scores) == {"plain", "styled", "style"}
-    assert scores["style"] > 0.8  # hollow or not is the easy half of the question
+    assert set(scores) == {"plain", "styled", "style", "plain softened"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    assert scores["style"] > 0.8  # hollow or not is the easy half of the question, learned in a few steps
     with pytest.raises(ValueError, match="valid styles"):
         concepts.style_judge("bold", steps=1)

@@ -15,7 +15,7 @@ from flax import nnx
 from PIL import Image
 
 from conftest import ctrl_c_at, leaves_equal, randomized
-from diffusion import checkpoint, configs, lora, runs, training
+from diffusion import checkpoint, cli, configs, lora, runs, training
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.unet import UNet, UNetConfig
 
@@ -90,6 +90,18 @@ def test_merge_then_unmerge_round_trips_and_merged_equals_unmerged():
                                    atol=1e-6)
 
 
+def test_merging_a_copy_leaves_the_original_alone():
+    graphdef, state = nnx.split(base_model())
+    model = nnx.merge(graphdef, jax.tree.map(np.array, state))  # NumPy weights, as a checkpoint is loaded
+    trained_looking(lora.add_adapter(model, lora.AdapterConfig(rank=2), nnx.Rngs(1)))
+    labels = jnp.asarray([0, 3, 7, 10])
+    before = model(X, T, labels)
+    copy = nnx.clone(model)
+    lora.merge(copy)
+    np.testing.assert_array_equal(model(X, T, labels), before)
+    np.testing.assert_allclose(copy(X, T, labels), before, rtol=1e-4, atol=1e-4)
+
+
 def test_scale_zero_is_the_base_bit_for_bit_and_the_update_is_linear_in_the_scale():
     model, labels = base_model(), jnp.asarray([0, 3, 7, 10])
     base = model(X, T, labels)
@@ -140,7 +152,8 @@ def test_the_adapters_size_follows_from_rank_and_layers():
 def test_bad_adapter_settings_say_what_to_change():
     for settings, message in [
         (dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(alpha=-1.0), "alpha"),
-        (dict(targets=("convs",)), "targets"), (dict(targets=("conv", "conv")), "targets"), (dict(targets=()), "targets"),
+        (dict(targets=("convs",)), "targets"), (dict(targets=("conv", "conv")), "targets"),
+        (dict(targets=()), "targets"),
         (dict(new_classes=-1), "new_classes"),
     ]:
         with pytest.raises(ConfigError, match=message):
@@ -156,20 +169,16 @@ def test_bad_adapter_settings_say_what_to_change():
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
-
-
-@pytest.fixture(scope="module")
-def base_run(runs_dir):
-    config = configs.make_config("tiny", runs_dir=str(runs_dir), name="base", sample_every=0)
+def base_run(tmp_path_factory):
+    """A tiny trained label model; the adapter runs go into its runs folder."""
+    config = configs.make_config("tiny", runs_dir=str(tmp_path_factory.mktemp("runs")), name="base", sample_every=0)
     training.train(config)
     return config
 
 
 @pytest.fixture(scope="module")
-def adapter_run(runs_dir, base_run):
-    config = runs.start_config("lora-tiny", runs_dir=str(runs_dir), base=str(base_run.run_dir), rank=2)
+def adapter_run(base_run):
+    config = runs.start_config("lora-tiny", runs_dir=base_run.runs_dir, base=str(base_run.run_dir), rank=2)
     return config, training.train(config)
 
 
@@ -197,6 +206,26 @@ def test_an_adapter_run_trains_only_its_adapter_and_pins_its_base(adapter_run, b
         configs.make_config("lora-tiny")
     with pytest.raises(ConfigError, match="has its base's channels"):
         runs.start_config("lora-tiny", runs_dir=config.runs_dir, base=str(base_run.run_dir), channels=32)
+
+
+def test_bad_adapter_run_settings_say_what_to_change(adapter_run, base_run):
+    config, _ = adapter_run
+    common = dict(runs_dir=config.runs_dir, base=str(base_run.run_dir))
+    for overrides, message in [
+        (dict(method="half"), "unknown method"), (dict(concept="bold"), "unknown concept"),
+        (dict(letters="A1"), "only A-Z and a-z"), (dict(letters="AA"), "each letter may appear once"),
+        (dict(concept="hollow"), "set prior_images to 0"), (dict(rank=0), "rank"),
+        (dict(targets=("convs",)), "targets"), (dict(num_classes=12), "leave num_classes out"),
+        (dict(concept_images=0), "concept_images"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            runs.start_config("lora-tiny", **common, **overrides)
+    with pytest.raises(ConfigError, match="holds a lora model"):
+        runs.start_config("lora-tiny", runs_dir=config.runs_dir, base=str(config.run_dir))
+    flags = ["--preset", "lora-tiny", "--runs-dir", config.runs_dir, "--base", str(base_run.run_dir),
+             "--targets", "conv,attention", "--letters", "AK"]
+    parsed = cli.config_from_flags(flags)
+    assert parsed.targets == ("conv", "attention") and parsed.num_classes == 12 and parsed.adapter.new_classes == 2
 
 
 def test_an_interrupted_adapter_run_resumes_bit_exactly(adapter_run):
@@ -237,7 +266,8 @@ def test_sample_py_draws_the_new_class_and_scale_zero_is_the_base(adapter_run, b
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")),
                                   np.asarray(Image.open(tmp_path / "again.png")))
     capsys.readouterr()
-    assert sample_py.main([*common, "--label", "11", "--lora", str(config.run_dir), "--out", str(tmp_path / "b.png")]) == 2
+    out = ["--out", str(tmp_path / "b.png")]
+    assert sample_py.main([*common, "--label", "11", "--lora", str(config.run_dir), *out]) == 2
     assert "outside the classes" in capsys.readouterr().err
     assert sample_py.main([*common, "--lora-scale", "0.5", "--out", str(tmp_path / "c.png")]) == 2
     assert "give the adapter with --lora" in capsys.readouterr().err
@@ -260,8 +290,8 @@ def test_two_adapters_on_one_base_and_a_damaged_adapter_file(adapter_run, base_r
         runs.open_adapter(copied)
 
 
-def test_a_full_fine_tune_trains_every_weight_and_goes_alone_on_its_base(base_run, runs_dir):
-    config = runs.start_config("lora-tiny", runs_dir=str(runs_dir), base=str(base_run.run_dir), name="full",
+def test_a_full_fine_tune_trains_every_weight_and_goes_alone_on_its_base(base_run):
+    config = runs.start_config("lora-tiny", runs_dir=base_run.runs_dir, base=str(base_run.run_dir), name="full",
                                method="full", steps=10)
     state = training.train(config)
     base = runs.open_checkpoint(base_run.run_dir)
