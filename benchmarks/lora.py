@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion import concepts, data, generate, lora, metrics, runs, training
+from diffusion import concepts, configs, data, generate, lora, metrics, runs, training
 
 SCALES = (0.0, 0.5, 1.0)
+PRESET_LEARNING_RATE = configs.PRESETS["lora"]["learning_rate"]
 LETTER = "A"
 STYLE = "hollow"
 
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--adapters", default="1,4,16", help="ranks, each with targets if not the default: "
                         "4:embedding+attention")
     parser.add_argument("--concepts", default=f"letters,{STYLE}")
+    parser.add_argument("--lora-learning-rate", type=float, help="the adapters' learning rate (default: the preset's)")
     parser.add_argument("--no-full", action="store_true", help="leave out the full fine-tune")
     parser.add_argument("--append", action="store_true", help="add to the rows of <out>/lora.jsonl")
     parser.add_argument("--steps", type=int, default=400)
@@ -78,10 +80,13 @@ def style_scores(judge, digits, labels) -> dict:
     return {"hollow": float(hollow.mean()), "hollow_right_digit": float(right_digit.mean())}
 
 
-def train_adapter(base, runs_dir: Path, concept: str, method: str, rank: int | None, targets, steps: int):
+def train_adapter(base, runs_dir: Path, concept: str, method: str, rank: int | None, targets, steps: int,
+                  learning_rate: float | None):
     preset = "lora" if concept == "letters" else "lora-style"
     name = f"{concept}-{'full' if method == 'full' else f'r{rank}-' + '+'.join(targets)}"
     overrides = dict(rank=rank, alpha=float(rank), targets=targets) if method == "lora" else {}
+    if method == "lora" and learning_rate:
+        overrides["learning_rate"] = learning_rate
     config = runs.start_config(preset, runs_dir=str(runs_dir), name=name, base=str(base.path), method=method,
                                steps=steps, sample_every=0, **overrides)
     started = time.perf_counter()
@@ -118,10 +123,11 @@ def main(argv=None) -> int:
     for concept in args.concepts.split(","):
         for method, rank, targets in methods:
             config, state, seconds, images_per_s = train_adapter(base, runs_dir, concept, method, rank, targets,
-                                                                 args.steps)
+                                                                 args.steps, args.lora_learning_rate)
             adapter = runs.open_adapter(config.run_dir)
             trainable = sum(np.asarray(a).size for a in adapter.arrays.values())
-            row = {"concept": concept, "method": method, "rank": rank, "targets": targets, "trainable": trainable,
+            row = {"concept": concept, "method": method, "rank": rank, "targets": targets,
+                   "learning_rate": config.learning_rate, "trainable": trainable,
                    "share": trainable / base_params, "file_bytes": adapter.path.stat().st_size,
                    "train_s": seconds, "images_per_s": images_per_s, "steps": args.steps}
             for scale in (SCALES if method == "lora" else (1.0,)):
@@ -196,6 +202,8 @@ def report(rows, judges, args, machine) -> str:
             method = f"LoRA r = {row['rank']}" if row["method"] == "lora" else "full fine-tune"
             if row["method"] == "lora" and tuple(targets) != lora.AdapterConfig.targets:
                 method += f" ({', '.join(targets)} only)"
+            if row.get("learning_rate", PRESET_LEARNING_RATE) != PRESET_LEARNING_RATE:
+                method += f", learning rate {row['learning_rate']:g}"
             lines.append(
                 f"| {method} | "
                 f"{row['trainable']:,} | {_pct(row['share'])} | {row['file_bytes'] / 1024:.0f} KiB | "
@@ -208,7 +216,8 @@ def report(rows, judges, args, machine) -> str:
                 continue
             one, reference = row["scale 1"], full["scale 1"][quality]
             lines.append(
-                f"- r = {row['rank']} ({', '.join(row.get('targets') or lora.AdapterConfig.targets)}): "
+                f"- r = {row['rank']} ({', '.join(row.get('targets') or lora.AdapterConfig.targets)}; learning rate "
+                f"{row.get('learning_rate', PRESET_LEARNING_RATE):g}): "
                 f"{_pct(row['share'])} of the base's numbers; quality {one[quality] / max(reference, 1e-9):.2f} × the "
                 f"full fine-tune's; {kept_name} {100 * (one[kept] - base[kept]):+.1f} points at scale 1 "
                 f"(the full fine-tune: {100 * (full['scale 1'][kept] - base[kept]):+.1f}); scale 0 "
