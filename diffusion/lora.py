@@ -262,7 +262,3 @@ def count(model: nnx.Module, variable=nnx.Param) -> int:
     """How many numbers ``model`` holds in variables of type ``variable`` (``nnx.LoRAParam``: its adapter)."""
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, variable)))
 
-
-def base_count(model: nnx.Module) -> int:
-    """How many numbers the base model holds: every ``nnx.Param`` that is not an adapter's."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
