@@ -32,7 +32,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     checkpoint = runs.open_checkpoint(args.checkpoint or runs.DEFAULT_RUN)
     chosen = {
-        k: getattr(args, k) for k in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "batch_size")
+        k: getattr(args, k) for k in ("sampler", "steps", "spacing", "shift", "guidance", "guidance_interval", "batch_size")
     }
     settings = evaluation.digit_settings(
         checkpoint, args.n, args.seed, **{k: v for k, v in chosen.items() if v is not None}

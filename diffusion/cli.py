@@ -147,6 +147,8 @@ def sampling_flags(description: str) -> Parser:
     flag("--sampler", choices=samplers.SAMPLERS, help="default: ddim, or flow_euler for a flow-matching model")
     flag("--steps", type=int, help="sampler steps (default: 25)")
     flag("--spacing", choices=("linspace", "leading", "trailing", "karras"), help="timesteps (default: the sampler's)")
+    flag("--shift", type=float, help="a flow model: shift its times t towards the noise, t' = s t / (1 + (s - 1) t) "
+         "(Esser et al. 2024, eq. 23; default: 1, none)")
     flag("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: 1.75; 1 if unconditional)")
     flag(
         "--guidance-interval",

@@ -60,6 +60,7 @@ def evaluate(settings: generate.Settings, reference: str = "test", checkpoint: r
         "sampler": settings.sampler,
         "steps": settings.steps,
         "spacing": settings.spacing or samplers.SAMPLERS[settings.sampler].spacing,  # None for flow samplers
+        "shift": settings.shift,
         "guidance": settings.guidance,
         "guidance_interval": settings.guidance_interval,
         "first_seed": settings.seeds[0],
@@ -76,6 +77,11 @@ def _where(interval, scale) -> str:
     return "" if interval is None or scale == 1 else f" in sigma [{interval[0]:g}, {interval[1]:g}]"
 
 
+def _shifted(shift) -> str:
+    """A flow grid's shift as the table says it: ', shift 3', or nothing for none."""
+    return "" if shift is None else f", shift {shift:g}"
+
+
 def table(row: dict) -> str:
     """The results as a small text table, each generated figure beside what real digits score."""
 
@@ -90,7 +96,8 @@ def table(row: dict) -> str:
         ("recall", number(row["recall"]), number(row["floor_recall"])),
     ]
     header = (
-        f"{row['checkpoint']}: {row['sampler']} ({row['spacing'] or 'flow'} timesteps), {row['steps']} steps, "
+        f"{row['checkpoint']}: {row['sampler']} ({row['spacing'] or 'flow'} timesteps{_shifted(row.get('shift'))}), "
+        f"{row['steps']} steps, "
         f"guidance {row['guidance']:g}{_where(row.get('guidance_interval'), row['guidance'])}, "
         f"{row['nfe']} network calls per digit"
     )

@@ -115,6 +115,7 @@ class Settings:
     guidance_interval: tuple[float, float] | None = None  # (sigma low, sigma high): guide only there; None: always
     negative_label: int | None = None  # the condition guidance pushes away from; None: the null label
     spacing: str | None = None  # the timestep spacing; None: the sampler's default
+    shift: float | None = None  # a flow model: the SD3 / Flux timestep shift of its grid; None: 1, no shift
     interpolate: int = 0  # > 0: this many noises on the great circle from seeds[0] to seeds[1]
     init_image: str | None = None  # img2img (with strength) or inpainting (with mask)
     strength: float | None = None  # img2img: 0 keeps init_image, 1 samples afresh (SDEdit)
@@ -206,6 +207,13 @@ class Settings:
             not (self.watermarked and self.init_image is not None),
             "a watermark lives in the starting noise, and img2img and inpainting start from an image: leave one out",
         )
+        if self.shift is not None:
+            _need(
+                isinstance(self.shift, (int, float)) and not isinstance(self.shift, bool) and math.isfinite(self.shift)
+                and self.shift > 0,
+                f"shift must be a number > 0 (got {self.shift!r}); 1 means no shift",
+            )
+            object.__setattr__(self, "shift", float(self.shift))
         object.__setattr__(self, "guidance", float(self.guidance))  # 3 and 3.0 must save the same JSON
         if self.strength is not None:
             object.__setattr__(self, "strength", float(self.strength))
@@ -312,6 +320,10 @@ def check_settings(settings: Settings, config: Config) -> None:
         f"sampler {settings.sampler} does not fit this checkpoint, a {kind} model: use one of {', '.join(fitting)}",
     )
     _need(not (flow and settings.spacing), f"{settings.sampler} steps evenly in flow time t: give no spacing")
+    _need(
+        flow or settings.shift is None,
+        f"a shift moves a flow model's grid of times t; this checkpoint is a {kind} model: leave --shift out",
+    )
     consistency = config.kind == "distill" and config.method == "consistency"
     _need(
         settings.sampler != "lcm" or consistency,
@@ -398,11 +410,12 @@ def _trained_as(config: Config) -> str:
 
 def _model_settings(settings: Settings, config: Config) -> dict:
     """The schedule, steps and parameterization that ``diffusion.samplers`` needs for this model (and for the
-    lcm sampler the origin grid it was distilled on)."""
+    lcm sampler the origin grid it was distilled on, for a flow model its shift)."""
     flow = config.parameterization == "velocity"
     schedule = None if flow else config.noise_schedule
     lcm = dict(origin_steps=config.origin_steps) if settings.sampler == "lcm" and config.kind == "distill" else {}
-    return dict(schedule=schedule, steps=settings.steps, parameterization=config.parameterization, **lcm)
+    shift = dict(shift=settings.shift) if flow else {}
+    return dict(schedule=schedule, steps=settings.steps, parameterization=config.parameterization, **lcm, **shift)
 
 
 # --- Inputs -------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ trains what it needs, tiny in fast mode; ``trained_text_model()`` likewise
 for the text model (``runs/text``), ``trained_latent_model()`` for the latent
 model (``runs/latent``) and its autoencoder (``runs/autoencoder``), ``trained_student()`` for the
 few-step students of the main job's model (``runs/consistency``, ``runs/progressive-N``), ``trained_adapter()``
-for LoRA adapters of it (``runs/lora-A``, ``runs/lora-hollow``).
+for LoRA adapters of it (``runs/lora-A``, ``runs/lora-hollow``), ``trained_flow_run()`` for the main job's U-Net
+trained with the flow-matching objective instead (``runs/flow``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ def trained_model(fast: bool = FAST):
 def trained_run(fast: bool = FAST) -> runs.Loaded:
     """``trained_model``'s run, loaded (``runs.load``): the model with its denoiser, config and checkpoint."""
     return _trained("default", "cpu", "tiny", fast)
+
+
+def trained_flow_run(fast: bool = FAST) -> runs.Loaded:
+    """A flow-matching model, loaded: ``runs/flow`` (``train.py --name flow --parameterization velocity``: the
+    main job's preset with the flow objective) if it has a checkpoint, else trained now as ``trained_model``
+    does (``tiny`` with the flow objective in fast mode)."""
+    return runs.load(_trained_run("flow", "cpu", "tiny", fast, parameterization="velocity"))
 
 
 # The first stage of progressive distillation: the student of 64 teacher steps samples in 32 (4 -> 2 in fast mode).

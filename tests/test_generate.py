@@ -16,7 +16,8 @@ SETTINGS = Settings(
 
 def test_settings_round_trip_through_json_exactly():
     settings = dataclasses.replace(
-        SETTINGS, guidance=2.5, negative_label=7, init_image="in.png", strength=0.6, checkpoint_sha256="ab" * 32
+        SETTINGS, guidance=2.5, negative_label=7, init_image="in.png", strength=0.6, checkpoint_sha256="ab" * 32,
+        shift=3,
     )
     text = settings.to_json()
     assert text.isascii() and "\n" not in text
@@ -58,6 +59,8 @@ def test_bad_saved_settings_raise_one_clear_error(text, message):
         (dict(init_image="x.png", strength=0.5, mask="m.png"), "either a strength"),
         (dict(init_image="x.png", strength=1.5), r"strength must be in \[0, 1\]"),
         (dict(batch_size=0), "batch_size must be a whole number >= 1"),
+        (dict(shift=-1.0), r"shift must be a number > 0 \(got -1.0\); 1 means no shift"),
+        (dict(shift=True), "shift must be a number > 0"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(change, message):

@@ -202,6 +202,39 @@ def test_guidance_pushes_away_from_the_null_label_or_the_negative_label(run_dir)
         np.testing.assert_allclose(inside(x, t, cond), away + scale * (denoiser(x, t, cond) - away), atol=1e-5)
 
 
+def test_a_flow_model_samples_on_the_shifted_grid(tmp_path):
+    """--shift reaches the sampler: each frame of a flow model's run sits at the time t' = s t / (1 + (s - 1) t)
+    of eq. 23, and the PNG's settings carry the shift, so --from-png redraws the same digits."""
+    config = configs.make_config("tiny", runs_dir=str(tmp_path), name="flow", parameterization="velocity")
+    _, template = jax.eval_shape(lambda: training.init_state(config))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda leaf: rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype), template)
+    checkpoint.save(runs.checkpoint_dir(config.run_dir), 20, state, config.to_dict(), {"data_position": 20}, keep=1)
+    opened = runs.open_checkpoint(config.run_dir)
+    settings = generate.default_settings(opened, seeds=(0,), labels=(3,), steps=STEPS, batch_size=BATCH,
+                                         trajectory=True, shift=3.0)
+    shifted = generate.generate(settings, checkpoint=opened)
+    plain = generate.generate(dataclasses.replace(settings, shift=None), checkpoint=opened)
+    t = np.linspace(1.0, 0.0, STEPS + 1)
+    model = runs.load_model(opened)
+    x = noise.seed_noise([0], (28, 28, 1))
+    guided = generate.guided_denoiser(model, settings, opened.config)
+    for frame, time in enumerate(3 * t[:-1] / (1 + 2 * t[:-1])):  # flow Euler by hand on the shifted grid
+        np.testing.assert_allclose(shifted.xs[frame], x, atol=1e-5)
+        next_time = 3 * t[frame + 1] / (1 + 2 * t[frame + 1])
+        x = x + (next_time - time) * guided(x, jnp.full((1,), time), jnp.array([3]))
+    np.testing.assert_allclose(shifted.images, x, atol=1e-5)
+    assert not np.allclose(shifted.images, plain.images, atol=1e-3)
+    out = tmp_path / "out"
+    sample_into(out, config.run_dir, "--seed", "0", "--label", "3", "--shift", "3")
+    png = next(out.glob("*.png"))
+    assert generate.read_settings(png).shift == 3.0
+    again = tmp_path / "again"
+    code, _, stderr = run(sample.main, "--from-png", png, "--out", again)
+    assert code == 0, stderr
+    assert np.array_equal(np.asarray(Image.open(next(again.glob("*.png")))), np.asarray(Image.open(png)))
+
+
 def test_img2img_at_strength_zero_returns_the_input(run_dir, inputs, tmp_path):
     sample_into(tmp_path / "x.png", run_dir, "--init-image", inputs["digit"], "--strength", 0, "--label", 5, "--n", 1)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "x.png")), inputs["pixels"])
@@ -240,6 +273,8 @@ BAD_INPUT = {
         "does not fit this checkpoint, a v-prediction model: use one of ddpm",
     ),
     "too many steps": (["--steps", "5000"], "steps must be at most the schedule's 1000 timesteps"),
+    "shift on a diffusion model": (["--shift", "3"], "a shift moves a flow model's grid .* leave --shift out"),
+    "shift zero": (["--shift", "0"], r"shift must be a number > 0 \(got 0.0\)"),
     "png without settings": (["--from-png", "{digit}"], "holds no generation settings"),
     "from-png with flags": (["--from-png", "{digit}", "--steps", "3"], "leave out --steps"),
     "watermark, stochastic sampler": (["--watermark-key", "5", "--sampler", "euler_a"], "euler_a draws fresh noise"),
