@@ -22,7 +22,9 @@ def slerp(a, b, w):
     standard Gaussian in D dimensions lies near the sphere of radius sqrt(D),
     and two draws are nearly orthogonal, so the straight line between them
     passes at only 1/sqrt(2) of that radius (noise of too little variance,
-    which a denoiser turns into a blur), while the great circle stays on it.
+    which the model never saw at the start; on the course's digit model it
+    gives plainer, more typical digits rather than a blur, notebook 08), while
+    the great circle stays on it.
     The ends are a and b exactly; nearly parallel a and b fall back to the
     straight line.
     """
