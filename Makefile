@@ -30,10 +30,11 @@ demo: $(STAMP)
 	$(BIN)/python sample.py
 
 # Two worker processes (pytest-xdist), each test file on one of them so that a file's shared fixtures (a tiny
-# trained model) are made once: the notebooks run on one worker while the other takes the rest.
+# trained model) are made once. Files are handed out in collection order, which tests/conftest.py starts with the
+# two notebook files, the longest: one to each worker, the others filling in around them.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Re-run every notebook in full mode and store its outputs (figures) in place.
 notebooks: $(STAMP)

@@ -40,15 +40,20 @@ STEPS, BATCH = 2, 4  # every run uses these, so that the runs share compiled pro
 TILE = 28 + 2  # a digit and the grid's padding
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run folder of the tiny preset, with one checkpoint of random weights."""
-    config = configs.make_config("tiny", runs_dir=str(tmp_path_factory.mktemp("runs")), name="tiny")
+def random_run(runs_dir, name, **overrides):
+    """A run folder of the tiny preset (with ``overrides``), holding one checkpoint of random weights."""
+    config = configs.make_config("tiny", runs_dir=str(runs_dir), name=name, **overrides)
     _, template = jax.eval_shape(lambda: training.init_state(config))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda leaf: rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype), template)
     checkpoint.save(runs.checkpoint_dir(config.run_dir), 20, state, config.to_dict(), {"data_position": 20}, keep=1)
     return config.run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder of the tiny preset, with one checkpoint of random weights."""
+    return random_run(tmp_path_factory.mktemp("runs"), "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -205,12 +210,8 @@ def test_guidance_pushes_away_from_the_null_label_or_the_negative_label(run_dir)
 def test_a_flow_model_samples_on_the_shifted_grid(tmp_path):
     """--shift reaches the sampler: each frame of a flow model's run sits at the time t' = s t / (1 + (s - 1) t)
     of eq. 23, and the PNG's settings carry the shift, so --from-png redraws the same digits."""
-    config = configs.make_config("tiny", runs_dir=str(tmp_path), name="flow", parameterization="velocity")
-    _, template = jax.eval_shape(lambda: training.init_state(config))
-    rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda leaf: rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype), template)
-    checkpoint.save(runs.checkpoint_dir(config.run_dir), 20, state, config.to_dict(), {"data_position": 20}, keep=1)
-    opened = runs.open_checkpoint(config.run_dir)
+    flow_run = random_run(tmp_path, "flow", parameterization="velocity")
+    opened = runs.open_checkpoint(flow_run)
     settings = generate.default_settings(opened, seeds=(0,), labels=(3,), steps=STEPS, batch_size=BATCH,
                                          trajectory=True, shift=3.0)
     shifted = generate.generate(settings, checkpoint=opened)
@@ -226,7 +227,7 @@ def test_a_flow_model_samples_on_the_shifted_grid(tmp_path):
     np.testing.assert_allclose(shifted.images, x, atol=1e-5)
     assert not np.allclose(shifted.images, plain.images, atol=1e-3)
     out = tmp_path / "out"
-    sample_into(out, config.run_dir, "--seed", "0", "--label", "3", "--shift", "3")
+    sample_into(out, flow_run, "--seed", "0", "--label", "3", "--shift", "3")
     png = next(out.glob("*.png"))
     assert generate.read_settings(png).shift == 3.0
     again = tmp_path / "again"
