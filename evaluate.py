@@ -4,7 +4,9 @@ Generates n digits (default 1,000: seeds 0..99, each drawn once per class, so
 100 per class) with the given sampler, steps and guidance, and judges them
 against the 1,000 held-out real digits (``diffusion.evaluation``): classifier
 accuracy, classifier FID beside its real-vs-real floor (the score of a perfect
-generator at this n), precision and recall. Examples:
+generator at this n), precision and recall. A model of other images (CIFAR-10,
+a folder: --dataset folder:PATH) is judged by the sliced Wasserstein distance of
+its pixels to real images, beside the same for real ones; not Inception FID. Examples:
 
     python evaluate.py                                  # DDIM 25 steps, guidance 1.75 in sigma 0.28-5.42
     python evaluate.py --sampler dpmpp_2m_karras --steps 10 --json

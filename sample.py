@@ -49,8 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar=("SEED_A", "SEED_B"),
         help="a row whose noise moves from seed A's to seed B's by spherical interpolation",
     )
-    flag("--label", type=cli.label_list, help="the class of each column: 3, 0,1,2 or none (default: every class)")
-    flag("--negative-label", type=cli.label, help="a class for guidance to push away from")
+    flag("--label", type=cli.label_list,
+         help="the class of each column: 3, 0,1,2, a name (cat,dog: a folder's class folders) or none "
+              "(default: every class)")
+    flag("--negative-label", type=cli.label, help="a class (number or name) for guidance to push away from")
     flag(
         "--prompt",
         action="append",
@@ -98,7 +100,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[generate.Settings, run
     if n is not None and n < 1:
         raise UsageError(f"--n must be a whole number >= 1 (got {n})")
     if "label" in given:
-        given["labels"] = given.pop("label")
+        given["labels"] = tuple(cli.label_number(label, checkpoint.config) for label in given.pop("label"))
+    if "negative_label" in given:
+        given["negative_label"] = cli.label_number(given["negative_label"], checkpoint.config)
     if "prompt" in given:
         given["prompts"] = tuple(given.pop("prompt"))
     if "interpolate" in given:

@@ -37,7 +37,7 @@ def jpeg(images, quality: int) -> np.ndarray:
         buffer = io.BytesIO()
         pictures.to_pil(pixels).save(buffer, format="JPEG", quality=quality)
         out.append(np.asarray(Image.open(buffer), np.uint8).reshape(pixels.shape))
-    return data.to_model_range(np.stack(out))[..., 0]  # to_model_range adds a channel axis; ours is there
+    return data.scale_pixels(np.stack(out))
 
 
 def crop_and_resize(images, keep: float, seed: int) -> np.ndarray:

@@ -107,19 +107,33 @@ def seed_list(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def label(text: str) -> int | None:
-    """'3' -> 3; 'none' -> None, the null label (no class)."""
-    if text.strip().lower() == "none":
+def label(text: str) -> int | str | None:
+    """'3' -> 3; 'none' -> None, the null label (no class); any other word is a class's name ('cat'), which
+    ``label_number`` turns into its number once the model is known."""
+    text = text.strip()
+    if text.lower() == "none":
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a label is a class number or none (got {text!r})") from None
+    if not text:
+        raise argparse.ArgumentTypeError("a label is a class number, a class name or none (got nothing)")
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
-def label_list(text: str) -> tuple[int | None, ...]:
-    """'3' -> (3,); '0,1,2' -> (0, 1, 2); 'none' -> (None,)."""
+def label_list(text: str) -> tuple[int | str | None, ...]:
+    """'3' -> (3,); '0,1,2' -> (0, 1, 2); 'cat,dog' -> ('cat', 'dog'); 'none' -> (None,)."""
     return tuple(label(part) for part in text.split(","))
+
+
+def label_number(value: int | str | None, config) -> int | None:
+    """A label of the command line as the class number of ``config``'s model: a name is looked up in its
+    classes' names (``Config.label_names``: a folder's class folders, CIFAR-10's or Fashion-MNIST's classes)."""
+    if not isinstance(value, str):
+        return value
+    names = getattr(config, "label_names", ())
+    if value in names:
+        return names.index(value)
+    if not names:
+        raise UsageError(f"this model's classes have no names: give --label as a number (got {value!r})")
+    raise UsageError(f"no class named {value!r}; this model's classes: {', '.join(names)} (or their numbers)")
 
 
 def sigma_interval(text: str) -> tuple[float, ...]:

@@ -40,7 +40,8 @@ class RunConfig:
     """
 
     kind: ClassVar[str] = ""  # what the run's checkpoints hold (see diffusion.runs)
-    NOT_FLAGS: ClassVar[tuple[str, ...]] = ()  # fields train.py does not offer as flags (derived, or pinned)
+    # Fields train.py does not offer as flags (derived, or pinned when the run starts: diffusion.runs.start_config)
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("class_names", "dataset_sha256")
 
     # Run
     name: str = "default"  # the run folder is <runs_dir>/<name>
@@ -48,9 +49,13 @@ class RunConfig:
     seed: int = 0
     resume: bool = False  # continue from the run folder's last checkpoint
     # Data
-    dataset: str = "mnist-embedded"  # see diffusion.data.DATASET_NAMES
+    dataset: str = "mnist-embedded"  # see diffusion.data.DATASET_NAMES, or folder:PATH (diffusion.folders)
     image_size: int = 28
     in_channels: int = 1
+    crop: str = "center"  # a folder's images: the centre square, or (random) a random window at every step
+    flip: bool = False  # mirror each training image left-right with probability 1/2
+    class_names: tuple[str, ...] = ()  # pinned for a folder: its class folders' names, label 0 first
+    dataset_sha256: str = ""  # pinned for a folder: its fingerprint (diffusion.folders), so a changed one is noticed
     # Optimisation
     batch_size: int = 64
     steps: int = 1800
@@ -61,7 +66,12 @@ class RunConfig:
     ema_decay: float = 0.995  # an average over the last ~1 / (1 - decay) = 200 steps
     compute_dtype: str = "float32"  # bfloat16: faster matmuls and convolutions on accelerators
     devices: int = 0  # how many local devices to use; 0 = all
-    distributed: bool = False  # call jax.distributed.initialize() first (multi-host runs)
+    distributed: bool = False  # one of several processes (one per host) of one run: jax.distributed.initialize()
+    # With distributed, where the processes meet and which one this is (all three, or none: JAX reads them from
+    # the cluster, SLURM or Open MPI); given at every launch, never taken from a checkpoint (LAUNCH_FIELDS).
+    coordinator: str = ""  # HOST:PORT of process 0, which listens there; every process names the same
+    num_processes: int = 0
+    process_id: int = 0  # 0 .. num_processes - 1; process 0 writes the run folder
     # Output
     log_every: int = 50
     checkpoint_every: int = 400
@@ -69,11 +79,17 @@ class RunConfig:
     sample_every: int = 400  # a grid of samples from the EMA model every this many steps (and at the end); 0 = never
 
     def __post_init__(self):
+        object.__setattr__(self, "class_names", tuple(self.class_names))
         _validate_run(self)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The name of each class label: a folder's class folders, or a named dataset's classes (``data.CLASS_NAMES``)."""
+        return self.class_names or data.CLASS_NAMES.get(self.dataset, ())
 
     def to_dict(self) -> dict:
         """The settings as saved in ``config.json``: the kind, then every field."""
@@ -141,7 +157,8 @@ class TextConfig(Config):
     """
 
     kind: ClassVar[str] = "text"
-    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("vocabulary",)  # the tokenizer's words, which the captions' grammar decides
+    # (the tokenizer's words, which the captions' grammar decides, are not a flag)
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = RunConfig.NOT_FLAGS + ("vocabulary",)
 
     num_classes: int = 0
     text_width: int = 32  # the encoder's width, and the tokens' width that cross-attention reads
@@ -236,7 +253,8 @@ class LatentConfig(Config):
     """
 
     kind: ClassVar[str] = "latent"
-    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("autoencoder_sha256", "latent_scale", "latent_shape")
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = RunConfig.NOT_FLAGS + (
+        "autoencoder_sha256", "latent_scale", "latent_shape")
 
     autoencoder: str = "runs/autoencoder"  # the autoencoder's run folder (or one of its checkpoint folders)
     autoencoder_sha256: str = ""  # pinned: the sha256 of its weights
@@ -251,6 +269,8 @@ class LatentConfig(Config):
             "(diffusion.runs.start_config)",
         )
         super().__post_init__()
+        _need(self.crop == "center" and not self.flip,
+              "a latent run encodes its images once, before training: it cannot crop or flip them at every step")
 
     @property
     def unet(self) -> UNetConfig:
@@ -278,7 +298,7 @@ class DistillConfig(Config):
     """
 
     kind: ClassVar[str] = "distill"
-    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("teacher_sha256", "teacher_method")
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = RunConfig.NOT_FLAGS + ("teacher_sha256", "teacher_method")
 
     method: str = "progressive"  # progressive or consistency
     teacher: str = "runs/default"  # the teacher's run folder (or one of its checkpoint folders)
@@ -369,7 +389,7 @@ class LoRAConfig(Config):
     """
 
     kind: ClassVar[str] = "lora"
-    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("base_sha256", "base_num_classes")
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = RunConfig.NOT_FLAGS + ("base_sha256", "base_num_classes")
 
     method: str = "lora"  # lora or full
     base: str = "runs/default"  # the base run folder (or one of its checkpoint folders)
@@ -436,6 +456,9 @@ ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "comp
     "num_timesteps",
     "zero_terminal_snr",
 )
+# How one process of a run is launched, not what the run is: a resumed run takes them from its own command line
+# (each host its own process_id), never from the config.json of the checkpoint (written by process 0).
+LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
 # The architecture fields of each kind of run: a checkpoint of that kind resumes only with the same values.
 KIND_ARCHITECTURE_FIELDS = {
     "denoiser": ARCHITECTURE_FIELDS,
@@ -526,6 +549,9 @@ def _need(ok, message):
         raise ConfigError(message)
 
 
+CROPS = ("center", "random")
+
+
 def _validate_run(c: RunConfig):
     """Raise a ConfigError naming the setting to change, before anything is loaded or compiled."""
     for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -537,8 +563,19 @@ def _validate_run(c: RunConfig):
         f"name must be a plain folder name (got {c.name!r})",
     )
     _need(
-        c.dataset in data.DATASET_NAMES, f"unknown dataset {c.dataset!r}; choose one of {', '.join(data.DATASET_NAMES)}"
+        c.dataset in data.DATASET_NAMES or (data.is_folder(c.dataset) and len(c.dataset) > len(data.FOLDER)),
+        f"unknown dataset {c.dataset!r}; choose one of {', '.join(data.DATASET_NAMES)}, or folder:PATH for a "
+        "folder of your own images",
     )
+    _need(c.crop in CROPS, f"crop must be one of {', '.join(CROPS)} (got {c.crop!r})")
+    if data.is_folder(c.dataset):
+        _need(c.in_channels in (1, 3), f"a folder's images are read as grey (in_channels 1) or RGB (3), not "
+                                       f"{c.in_channels} channels")
+        _need(bool(c.dataset_sha256), "a run on a folder needs it pinned: start it with train.py --dataset "
+                                      "folder:PATH (diffusion.runs.start_config)")
+    else:
+        _need(c.crop == "center", "crop random needs a folder of images (--dataset folder:PATH), which are "
+                                  "prepared larger than image_size; a named dataset has its images' size already")
     _need(
         c.learning_rate > 0 and math.isfinite(c.learning_rate),
         f"learning_rate must be a positive number (got {c.learning_rate})",
@@ -551,10 +588,40 @@ def _validate_run(c: RunConfig):
         not (c.distributed and c.devices),
         "with distributed=True every device of every host is used; leave devices at 0",
     )
+    _validate_launch(c)
+
+
+def _validate_launch(c: RunConfig):
+    """The checks of ``LAUNCH_FIELDS``: none of them, or with ``distributed`` all of them (the id in range)."""
+    check_whole("num_processes", c.num_processes, 0, ConfigError)
+    check_whole("process_id", c.process_id, 0, ConfigError)
+    given = [name for name in LAUNCH_FIELDS if getattr(c, name)]
+    _need(c.distributed or not given, f"{given[0] if given else ''} is for the processes of a distributed run: "
+                                      "add --distributed, or leave it out")
+    _need(
+        bool(c.coordinator) == bool(c.num_processes) and (c.coordinator or not c.process_id),
+        "give every process of a distributed run --coordinator HOST:PORT, --num-processes N and its --process-id I "
+        "(0 where the coordinator listens), or none of them on a cluster that JAX reads them from (SLURM, Open MPI)",
+    )
+    host, _, port = c.coordinator.rpartition(":")
+    _need(
+        not c.coordinator or (bool(host) and port.isdigit() and 0 < int(port) < 65536),
+        f"coordinator must be HOST:PORT, the address of process 0's host and a free port there (got {c.coordinator!r})",
+    )
+    _need(
+        c.process_id < max(c.num_processes, 1),
+        f"process_id must be less than num_processes ({c.num_processes}): one of 0 .. {c.num_processes - 1}, each "
+        f"process its own (got {c.process_id})",
+    )
 
 
 def _validate(c: Config):
     """The checks of a denoiser's own fields (after ``_validate_run``'s)."""
+    _need(
+        not c.class_names or c.kind not in ("denoiser", "latent") or c.num_classes in (0, len(c.class_names)),
+        f"the folder has {len(c.class_names)} classes ({', '.join(c.class_names)}): num_classes must be that, or 0 "
+        f"to train without classes (got {c.num_classes})",
+    )
     check_whole("num_timesteps", c.num_timesteps, 1, ConfigError)
     check_whole("sample_steps", c.sample_steps, 1, ConfigError)
     c.unet  # the network's own checks (a ConfigError)

@@ -1,29 +1,38 @@
-"""Data: the embedded MNIST digits, full MNIST / Fashion-MNIST downloads, minibatches.
+"""Data: the embedded MNIST digits, downloads (MNIST, Fashion-MNIST, CIFAR-10), your own folders, minibatches.
 
 Everything here is plain NumPy; the training code turns batches into JAX arrays.
 
 Images
-    ``load_dataset(name, split)`` returns ``(images, labels)`` with images of
-    shape (N, 28, 28), dtype uint8, 0..255, and labels of shape (N,), dtype
-    uint8, 0..9. Three datasets:
+    ``load_dataset(name, split)`` returns ``(images, labels)``: uint8 pixels
+    0..255, of shape (N, H, W) for grey images and (N, H, W, 3) for colour
+    ones, and labels (N,) uint8. The datasets:
 
     ``mnist-embedded``  10,000 MNIST digits that ship inside the package
                         (``diffusion/data/mnist_embedded.npz``, see the README
                         next to it), split into 9,000 train / 1,000 test digits.
                         Works offline; the default.
     ``mnist``           the full MNIST (LeCun, Cortes & Burges): 60,000 train,
-                        10,000 test. Downloaded once into the cache folder.
+                        10,000 test, 28 x 28 grey. Downloaded once into the cache folder.
     ``fashion-mnist``   Fashion-MNIST (Xiao, Rasul & Vollgraf, 2017), same
                         sizes and file format, pictures of clothes.
+    ``cifar10``         CIFAR-10 (Krizhevsky 2009): 50,000 train, 10,000 test,
+                        32 x 32 colour photographs of ten classes.
+    ``folder:PATH``     your own images (``diffusion.folders``): any size, resized
+                        to the run's ``image_size``, grey or colour; one class
+                        per sub-folder. ``load_run_data(config)`` reads them.
 
-    ``to_model_range`` maps uint8 pixels to the float range [-1, 1] the
-    diffusion model works in, adding a channel axis (NHWC, JAX's convention);
-    ``from_model_range`` maps model outputs back to uint8 pixels.
+    ``to_model_range`` maps a batch of uint8 pixels to the float range [-1, 1]
+    the diffusion model works in, in the NHWC layout (JAX's convention) with
+    a channel axis for grey images too; ``from_model_range`` maps model outputs
+    back to uint8 pixels of the dataset's layout.
 
 Batches
     ``batches`` yields shuffled minibatches forever. The shuffle of each epoch
     is a function of (seed, epoch) only, so a run can restart at any step and
-    see exactly the batches it would have seen.
+    see exactly the batches it would have seen. ``augment`` takes random crops
+    and horizontal flips of a batch, from a generator seeded by the step.
+    ``prefetch`` prepares the next batches in a background thread while the
+    accelerator trains on this one.
 """
 
 import gzip
@@ -31,19 +40,39 @@ import hashlib
 import http.client
 import importlib.resources
 import os
+import queue
+import tarfile
 import tempfile
+import threading
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from diffusion import folders
 from diffusion.errors import DataError, InputError
 
-DATASET_NAMES = ("mnist-embedded", "mnist", "fashion-mnist")
+DATASET_NAMES = ("mnist-embedded", "mnist", "fashion-mnist", "cifar10")
 DIGIT_DATASETS = ("mnist-embedded", "mnist")  # the handwritten digits: what captions and the metrics' classifier know
+FOLDER = "folder:"  # a dataset named folder:PATH is the images in PATH (diffusion.folders)
 SPLITS = ("train", "test")
 
 NUM_CLASSES = 10
+# (image_size, channels) of each named dataset; a run on one takes them unless told otherwise.
+SHAPES = {"mnist-embedded": (28, 1), "mnist": (28, 1), "fashion-mnist": (28, 1), "cifar10": (32, 3)}
+# The classes' names, which sample.py accepts for --label (a folder's are its sub-folders' names).
+CLASS_NAMES = {
+    "mnist-embedded": tuple("0123456789"),
+    "mnist": tuple("0123456789"),
+    "fashion-mnist": ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                      "ankle-boot"),  # (Xiao et al. 2017, Table 1)
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+
+def is_folder(name: str) -> bool:
+    """Whether the dataset ``name`` is a folder of the user's images (``folder:PATH``)."""
+    return name.startswith(FOLDER)
 
 
 # ---------------------------------------------------------------------------
@@ -91,10 +120,10 @@ def load_embedded_mnist(split="train"):
 
 
 # ---------------------------------------------------------------------------
-# Full MNIST and Fashion-MNIST: download, verify, cache
+# Full MNIST, Fashion-MNIST and CIFAR-10: download, verify, cache
 # ---------------------------------------------------------------------------
 
-# Both datasets come as four gzipped IDX files with the same names.
+# MNIST and Fashion-MNIST come as four gzipped IDX files with the same names.
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -111,6 +140,7 @@ MIRRORS = {
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",  # Zalando's own bucket (HTTP only)
         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion",
     ),
+    "cifar10": ("https://www.cs.toronto.edu/~kriz",),  # Alex Krizhevsky's page, the dataset's home
 }
 
 # sha256 of the official gz files. Every download is checked against these, so
@@ -133,6 +163,9 @@ SHA256 = {
         "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
         "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
     },
+    # The "binary version" (170,052,171 bytes), not the Python one, whose batches are pickles. The sum is the one
+    # TensorFlow Datasets checks (its url_checksums for cifar10), and agrees with several independent projects.
+    "cifar10": {"cifar-10-binary.tar.gz": "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"},
 }
 
 DOWNLOAD_TIMEOUT_S = 60
@@ -177,9 +210,9 @@ def _fetch_verified(url, target, sha256):
 
 
 def download_dataset(name, cache_dir=None, base_url=None):
-    """Make sure the four IDX files of ``name`` are in the cache; return the folder holding them.
+    """Make sure the files of ``name`` (``SHA256[name]``) are in the cache; return the folder holding them.
 
-    ``name`` is ``"mnist"`` or ``"fashion-mnist"``. Files go to
+    ``name`` is ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``. Files go to
     ``<cache_dir>/<name>/`` (``cache_dir`` defaults to ``data_dir()``). A file
     already there is kept if its sha256 is right and downloaded again if not.
     Each file is fetched from the mirrors in ``MIRRORS[name]`` in turn, or from
@@ -212,8 +245,8 @@ def download_dataset(name, cache_dir=None, base_url=None):
                 f"could not download {filename} of {name}:\n"
                 + "\n".join(failures)
                 + f"\nIf this machine has no network, train on the embedded digits instead "
-                f"(--dataset mnist-embedded), or fetch the four files "
-                f"({', '.join(SHA256[name])}) elsewhere and copy them into {folder}; "
+                f"(--dataset mnist-embedded), or fetch the file(s) "
+                f"{', '.join(SHA256[name])} elsewhere and copy them into {folder}; "
                 f"they are checked against known sha256 sums."
             )
     return folder
@@ -271,20 +304,75 @@ def _read_image_classification(folder, split):
     return images, labels
 
 
+CIFAR_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)}
+CIFAR_RECORD = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue planes, 32 x 32 each, row-major
+
+
+def read_cifar(path, split="train"):
+    """One split of the CIFAR-10 binary archive ``path`` (``cifar-10-binary.tar.gz``): ``(images, labels)``,
+    uint8 (N, 32, 32, 3) and (N,) 0..9. The archive is read in place, never unpacked to disk.
+
+    Each batch file is a run of 3,073-byte records: the label, then 1,024 red, 1,024 green and 1,024 blue
+    bytes, each plane row by row (Krizhevsky's description on the dataset's page). A file that does not
+    follow it raises ``DataError``.
+    """
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
+            for name in CIFAR_FILES[split]:
+                if name not in members:
+                    raise DataError(f"{path} has no {name}: it is not the CIFAR-10 binary archive")
+                raw = archive.extractfile(members[name]).read()
+                if len(raw) % CIFAR_RECORD:
+                    raise DataError(f"{path}: {name} is {len(raw)} bytes, not a whole number of 3,073-byte records")
+                records = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR_RECORD)
+                labels.append(records[:, 0])
+                images.append(records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    except (OSError, EOFError, tarfile.TarError) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    labels = np.concatenate(labels)
+    if labels.max(initial=0) >= NUM_CLASSES:
+        raise DataError(f"{path}: labels outside 0..9 in the {split} split")
+    return np.ascontiguousarray(np.concatenate(images)), labels
+
+
 def load_dataset(name="mnist-embedded", split="train", cache_dir=None):
-    """``(images, labels)`` of one split of a dataset: (N, 28, 28) uint8 0..255 and (N,) uint8 0..9.
+    """``(images, labels)`` of one split of a named dataset: uint8 images 0..255, (N, 28, 28) grey or
+    (N, 32, 32, 3) colour (``SHAPES``), and (N,) uint8 labels 0..9.
 
     ``name`` is one of ``DATASET_NAMES`` and ``split`` is ``"train"`` or
-    ``"test"``. ``mnist`` and ``fashion-mnist`` are downloaded into
-    ``cache_dir`` (see ``download_dataset``) the first time.
+    ``"test"``. ``mnist``, ``fashion-mnist`` and ``cifar10`` are downloaded into
+    ``cache_dir`` (see ``download_dataset``) the first time. (A folder of your
+    own images is read by ``load_run_data``, which knows the size to make them.)
     """
+    if is_folder(name):
+        raise InputError(f"{name} is a folder of images: read it with load_run_data(config), which resizes them")
     if name not in DATASET_NAMES:
-        raise InputError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        raise InputError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)} or folder:PATH")
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if name == "mnist-embedded":
         return load_embedded_mnist(split)
+    if name == "cifar10":
+        return read_cifar(download_dataset(name, cache_dir) / "cifar-10-binary.tar.gz", split)
     return _read_image_classification(download_dataset(name, cache_dir), split)
+
+
+def load_folder(config) -> folders.Folder:
+    """The images of a run on ``folder:PATH`` prepared as its config says (``image_size``, ``in_channels``,
+    ``crop``), from the cache under ``data_dir()`` if it is current (``diffusion.folders.load``)."""
+    side = folders.stored_side(config.image_size, config.crop)
+    return folders.load(config.dataset[len(FOLDER):], side, config.in_channels, data_dir())
+
+
+def load_run_data(config, split="train"):
+    """``(images, labels)`` of a run's dataset: a named one's ``split``, or a folder's images prepared as the
+    run's config says (a folder has one split: ``test`` gives the same images as ``train``)."""
+    if is_folder(config.dataset):
+        folder, margin = load_folder(config), (folders.stored_side(config.image_size, config.crop) - config.image_size) // 2
+        return folder.images[:, margin : margin + config.image_size, margin : margin + config.image_size], folder.labels
+    return load_dataset(config.dataset, split)
 
 
 # ---------------------------------------------------------------------------
@@ -292,31 +380,43 @@ def load_dataset(name="mnist-embedded", split="train", cache_dir=None):
 # ---------------------------------------------------------------------------
 
 
-def to_model_range(images):
-    """uint8 pixels (..., H, W) in 0..255 -> float32 (..., H, W, 1) in [-1, 1].
+def scale_pixels(pixels):
+    """uint8 pixels 0..255 -> float32 in [-1, 1], any shape: 0 maps to -1 and 255 to +1.
 
-    0 maps to -1 and 255 to +1. The diffusion model adds unit-variance
-    Gaussian noise, so data centred on 0 with a range of about +-1 is on the
-    same scale as the noise. The trailing channel axis is the NHWC layout that
-    JAX convolutions use.
+    The diffusion model adds unit-variance Gaussian noise, so data centred on 0
+    with a range of about +-1 is on the same scale as the noise.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
+    return pixels.astype(np.float32) / 127.5 - 1.0
+
+
+def to_model_range(images):
+    """A batch of uint8 pixels, (N, H, W) grey or (N, H, W, C), -> float32 (N, H, W, C) in [-1, 1].
+
+    Grey images gain a trailing channel axis of size 1: the NHWC layout that
+    JAX convolutions use. The values as ``scale_pixels``.
     """
     images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise TypeError(f"to_model_range expects uint8 pixels, got {images.dtype}")
-    return (images.astype(np.float32) / 127.5 - 1.0)[..., np.newaxis]
+    if images.ndim not in (3, 4):
+        raise InputError(f"to_model_range expects a batch (N, H, W) or (N, H, W, C), got shape {images.shape}")
+    x = scale_pixels(images)
+    return x[..., np.newaxis] if images.ndim == 3 else x
 
 
 def from_model_range(x):
-    """float (..., H, W, 1) in [-1, 1] -> uint8 pixels (..., H, W), the inverse of ``to_model_range``.
+    """float (..., H, W, C) in [-1, 1] -> uint8 pixels: (..., H, W) for one channel (grey, as the datasets
+    hold them), (..., H, W, C) otherwise; the inverse of ``to_model_range``.
 
     Values outside [-1, 1] (a sampler can overshoot) are clipped, then
     rounded to the nearest pixel value.
     """
     x = np.asarray(x, dtype=np.float32)
-    if x.shape[-1:] != (1,):
-        raise InputError(f"from_model_range expects a trailing channel axis of size 1, got shape {x.shape}")
-    pixels = np.rint((np.clip(x[..., 0], -1.0, 1.0) + 1.0) * 127.5)
-    return pixels.astype(np.uint8)
+    if x.ndim < 3:
+        raise InputError(f"from_model_range expects images (..., H, W, C), got shape {x.shape}")
+    pixels = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return pixels[..., 0] if x.shape[-1] == 1 else pixels
 
 
 # ---------------------------------------------------------------------------
@@ -351,3 +451,55 @@ def batches(images, labels, batch_size, seed, start_step=0):
             yield images[idx], labels[idx]
         epoch, step_in_epoch = epoch + 1, 0
 
+
+
+def augment(images, rng: np.random.Generator, size: int, flip: bool):
+    """Random ``size`` x ``size`` crops of a batch of uint8 images (N, S, S[, C]), each mirrored left-right with
+    probability 1/2 if ``flip`` (the augmentations of Krizhevsky et al. 2012, Sec. 4.1; DDPM flips its CIFAR-10
+    images, Ho et al. 2020, Appendix B). The offsets and flips come from ``rng``: seeded by the step, a resumed
+    run draws the same ones."""
+    n, side = len(images), images.shape[1]
+    rows, cols = rng.integers(0, side - size + 1, size=(2, n))
+    flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    out = np.empty((n, size, size, *images.shape[3:]), images.dtype)
+    for i, (r, c) in enumerate(zip(rows, cols)):
+        crop = images[i, r : r + size, c : c + size]
+        out[i] = crop[:, ::-1] if flips[i] else crop
+    return out
+
+
+_END = object()  # what prefetch's thread hands over when the iterator is exhausted
+
+
+def prefetch(iterator, depth: int = 2):
+    """The items of ``iterator``, made ``depth`` ahead in a background thread: while the accelerator runs one
+    training step, the host prepares the next batches (the same ones, in the same order). An exception in the
+    thread is raised here, at the item it stopped at; closing the generator stops the thread."""
+    ready, stop = queue.Queue(depth), threading.Event()
+
+    def work():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((None, _END))
+        except BaseException as error:  # handed to the consumer, which raises it
+            ready.put((None, error))
+
+    threading.Thread(target=work, daemon=True, name="prefetch").start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is _END:
+                return
+            if error is not None:
+                raise error
+            yield item
+    finally:
+        stop.set()

@@ -5,7 +5,10 @@ class, so n / 10 per class); ``evaluate`` generates them and judges them with
 ``diffusion.metrics.evaluate_digits`` against the 1,000 held-out real digits:
 classifier accuracy, classifier FID beside its real-vs-real floor (the score of
 a perfect generator at this n), precision and recall. ``evaluate.py`` and the
-quality benchmarks are thin over these two.
+quality benchmarks are thin over these two. A model of other images (CIFAR-10,
+a folder of your own) is judged by the sliced Wasserstein distance of its
+pixels to real ones, beside that distance for real images
+(``metrics.evaluate_pixels``): the digit classifier knows digits only.
 
 ``evaluate_prompts`` judges a text model the same way, and also whether each
 digit has the attributes its prompt asked for: the share of digits whose
@@ -33,11 +36,6 @@ def digit_settings(checkpoint: runs.Checkpoint, n: int = 1000, first_seed: int =
             "this lays out digits by class; a text model is judged by its prompts: "
             f"python benchmarks/text_prompts.py --checkpoint {checkpoint.path}"
         )
-    if config.dataset not in data.DIGIT_DATASETS or (config.image_size, config.in_channels) != (28, 1):
-        raise GenerationError(
-            f"the metrics judge 28×28 MNIST digits; this checkpoint makes {config.image_size}×{config.image_size}×"
-            f"{config.in_channels} images of {config.dataset}"
-        )
     classes = max(config.num_classes, 1)
     if n < 4 or n % classes:
         raise GenerationError(f"n must be at least 4 and a multiple of the {classes} classes (got {n})")
@@ -45,16 +43,39 @@ def digit_settings(checkpoint: runs.Checkpoint, n: int = 1000, first_seed: int =
     return generate.default_settings(checkpoint, seeds=seeds, **choices)
 
 
-def evaluate(settings: generate.Settings, reference: str = "test", checkpoint: runs.Checkpoint | None = None) -> dict:
-    """Generate the digits of ``settings`` and measure them: the settings that matter, the metrics and the times.
+def judges_digits(config) -> bool:
+    """Whether a run makes MNIST digits, which the digit classifier's metrics apply to."""
+    return config.dataset in data.DIGIT_DATASETS and (config.image_size, config.in_channels) == (28, 1)
 
-    ``checkpoint``: ``settings.checkpoint`` already opened, if it is.
+
+def real_images(config, reference: str = "test"):
+    """Real images of a run's dataset that are not digits, for ``metrics.evaluate_pixels``: (reference, pool),
+    two disjoint sets. A named dataset's ``reference`` split and its other split; a folder's images, which have
+    one split, halved by a fixed shuffle."""
+    if data.is_folder(config.dataset):
+        images = data.load_run_data(config)[0]
+        order = np.random.default_rng(0).permutation(len(images))
+        return images[order[: len(images) // 2]], images[order[len(images) // 2 :]]
+    other = "train" if reference == "test" else "test"
+    return data.load_run_data(config, reference)[0], data.load_run_data(config, other)[0]
+
+
+def evaluate(settings: generate.Settings, reference: str = "test", checkpoint: runs.Checkpoint | None = None) -> dict:
+    """Generate the images of ``settings`` and measure them: the settings that matter, the metrics and the times.
+
+    Digits are judged by ``metrics.evaluate_digits`` (accuracy, classifier FID, precision, recall); images of
+    any other dataset by ``metrics.evaluate_pixels`` (sliced Wasserstein distance of the pixels, with its
+    floor). ``checkpoint``: ``settings.checkpoint`` already opened, if it is.
     """
+    checkpoint = checkpoint or runs.open_checkpoint(settings.checkpoint)
     started = time.perf_counter()
     generation = generate.generate(settings, checkpoint=checkpoint, progress=True)
     sampled = time.perf_counter()
     labels = None if generation.labels[0] is None else list(generation.labels)
-    results = metrics.evaluate_digits(generation.images, labels, reference=reference)
+    if judges_digits(checkpoint.config):
+        results = metrics.evaluate_digits(generation.images, labels, reference=reference)
+    else:
+        results = metrics.evaluate_pixels(generation.images, *real_images(checkpoint.config, reference))
     return {
         "checkpoint": settings.checkpoint,
         "sampler": settings.sampler,
@@ -88,6 +109,12 @@ def table(row: dict) -> str:
     def number(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
 
+    if "swd" in row:  # not digits
+        return "\n".join([
+            _header(row), "", f"{'':28}{'generated':>12}{'real images':>16}",
+            f"{'sliced Wasserstein (pixels)':28}{row['swd']:>12.4f}{row['floor']:>9.4f} ± {row['floor_std']:.4f}",
+            "", "(the digit classifier's metrics apply to digits only; this is not Inception FID)", _footer(row, "images"),
+        ])
     rows = [
         ("", "generated", "real digits"),
         ("accuracy", number(row["accuracy"]), "-"),
@@ -95,17 +122,24 @@ def table(row: dict) -> str:
         ("precision", number(row["precision"]), number(row["floor_precision"])),
         ("recall", number(row["recall"]), number(row["floor_recall"])),
     ]
-    header = (
+    return "\n".join([_header(row), "", *(f"{name:16}{ours:>12}{real:>16}" for name, ours, real in rows), "",
+                      _footer(row, "digits")])
+
+
+def _header(row: dict) -> str:
+    return (
         f"{row['checkpoint']}: {row['sampler']} ({row['spacing'] or 'flow'} timesteps{_shifted(row.get('shift'))}), "
         f"{row['steps']} steps, "
         f"guidance {row['guidance']:g}{_where(row.get('guidance_interval'), row['guidance'])}, "
-        f"{row['nfe']} network calls per digit"
+        f"{row['nfe']} network calls per image"
     )
-    footer = (
-        f"n = {row['n']} against the {row['reference']} digits; sampling {row['sampling_s']:.1f} s "
-        f"({row['n'] / row['sampling_s']:.1f} digits/s), metrics {row['metrics_s']:.1f} s"
+
+
+def _footer(row: dict, what: str) -> str:
+    return (
+        f"n = {row['n']} against the {row['reference']} {what}; sampling {row['sampling_s']:.1f} s "
+        f"({row['n'] / row['sampling_s']:.1f} {what}/s), metrics {row['metrics_s']:.1f} s"
     )
-    return "\n".join([header, "", *(f"{name:16}{ours:>12}{real:>16}" for name, ours, real in rows), "", footer])
 
 
 def attribute_cuts(config) -> dict:

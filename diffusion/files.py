@@ -4,7 +4,8 @@ Every output of the project goes through here: checkpoints (a folder,
 ``atomic_folder``), generated images and GIFs, and the classifier's weights
 (files, ``write_atomically``). Both write beside the target under a hidden
 temporary name, flush to disk (``fsync``), and only then rename into place
-(``os.replace``, atomic on POSIX file systems): a crash, a full disk or Ctrl-C
+(``os.replace``, atomic on POSIX file systems) and flush the folder's entry too:
+a crash, a full disk, Ctrl-C or a power cut
 leaves either the old contents or the complete new ones, and no stray
 temporary files. ``sha256_of`` names a file's contents: a checkpoint's weights
 or an input image are pinned by it, so a file changed since is caught.
@@ -34,6 +35,16 @@ def write_synced(path, content: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def sync_folder(folder) -> None:
+    """Flush a folder's entries to disk, so that a rename into it survives a power cut (POSIX ``fsync`` on the
+    folder itself)."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def write_atomically(files: dict) -> None:
     """Write {path: bytes}: each into a temporary file beside its target, then all renamed into place.
 
@@ -52,6 +63,8 @@ def write_atomically(files: dict) -> None:
             os.chmod(name, 0o644)  # mkstemp makes files private to the user
         for name, path in temporary:
             os.replace(name, path)
+        for folder in {path.parent for _, path in temporary}:
+            sync_folder(folder)
     except BaseException:
         for name, _ in temporary:
             if os.path.exists(name):
@@ -75,6 +88,7 @@ def atomic_folder(final):
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        sync_folder(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,7 +36,7 @@ def to_uint8(images) -> np.ndarray:
 
 def as_saved(images) -> np.ndarray:
     """Images in [-1, 1] as a PNG keeps them: rounded to 8 bits, float32 in the model's range again."""
-    return data.to_model_range(to_uint8(images))[..., 0]  # to_model_range adds a channel axis; ours is there
+    return data.scale_pixels(to_uint8(images))
 
 
 def image_grid(images, ncols: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -208,7 +208,7 @@ def load_image(path, size: int, channels: int, resize: bool = False) -> np.ndarr
         image.convert("L") if image.mode == "1" else image, size, resize, "init image", path, Image.Resampling.LANCZOS
     )
     pixels = np.asarray(image, np.uint8).reshape(size, size, channels)
-    return data.to_model_range(pixels)[..., 0]  # to_model_range adds a channel axis; ours is already there
+    return data.scale_pixels(pixels)
 
 
 def load_images(path, size: int, channels: int, count: int | None = None, pad: int = 2) -> np.ndarray:
@@ -230,7 +230,7 @@ def load_images(path, size: int, channels: int, count: int | None = None, pad: i
         )
     rows, cols = (image.height + pad) // tile, (image.width + pad) // tile
     tiles = [pixels[r * tile : r * tile + size, c * tile : c * tile + size] for r in range(rows) for c in range(cols)]
-    return data.to_model_range(np.stack(tiles[:count]))[..., 0]
+    return data.scale_pixels(np.stack(tiles[:count]))
 
 
 def load_mask(path, size: int, resize: bool = False) -> np.ndarray:

@@ -58,7 +58,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
-from diffusion import checkpoint, configs, latent, lora
+from diffusion import checkpoint, configs, data, folders, latent, lora
 from diffusion.autoencoder import Autoencoder
 from diffusion.files import sha256_of
 from diffusion.configs import (
@@ -371,7 +371,10 @@ def resume_config(runs_dir: str = Config.runs_dir, name: str = Config.name, **ov
     and ``resume=True``: what continues that run as it was started.
 
     The run continues in the folder it is resumed from, even if it was renamed
-    or moved since.
+    or moved since. Where its processes meet and which one this is
+    (``configs.LAUNCH_FIELDS``) come from ``overrides`` alone, never from the
+    checkpoint (written by process 0): a distributed run resumes on as many
+    hosts as it is now given, each passing its own ``process_id``.
     """
     last = last_to_resume(Path(runs_dir) / name)
     kind, saved = read_config(last)
@@ -381,7 +384,8 @@ def resume_config(runs_dir: str = Config.runs_dir, name: str = Config.name, **ov
     if unknown:
         raise ConfigError(f"unknown config field(s) {', '.join(unknown)} for a {kind} run")
     overrides.pop("resume", None)
-    return dataclasses.replace(saved, runs_dir=str(runs_dir), name=name, resume=True, **overrides)
+    launch = {f.name: f.default for f in dataclasses.fields(saved) if f.name in configs.LAUNCH_FIELDS}
+    return dataclasses.replace(saved, runs_dir=str(runs_dir), name=name, resume=True, **{**launch, **overrides})
 
 
 # --- Latent runs ------------------------------------------------------------------------
@@ -509,8 +513,42 @@ def start_config(preset: str = "cpu", **overrides) -> Config:
             "latent_shape": ae.autoencoder.latent_shape,
             "image_size": ae.image_size,
             "in_channels": ae.in_channels,
+            **{field: getattr(ae, field) for field in ("crop", "class_names", "dataset_sha256")},
         }
-    return configs.make_config(preset, **overrides)
+    return configs.make_config(preset, **_attention_levels(preset, _dataset_overrides(preset, overrides)))
+
+
+def _dataset_overrides(preset: str, overrides: dict) -> dict:
+    """The dataset's part of a new run's config. A named dataset's image size and channels (``data.SHAPES``)
+    unless given. A folder (``folder:PATH``): its absolute path, its class folders' names and its fingerprint
+    pinned (``diffusion.folders.scan``), as many classes as it has class folders unless given (0: train
+    without classes), and 32×32 RGB unless given."""
+    dataset = overrides.get("dataset", configs.PRESETS[preset].get("dataset", configs.RunConfig.dataset))
+    if dataset in data.SHAPES:
+        size, channels = data.SHAPES[dataset]
+        return {"image_size": size, "in_channels": channels, **overrides}
+    if not data.is_folder(dataset):
+        return overrides
+    if "dataset_sha256" not in overrides:  # (a latent run has its autoencoder's pinned already)
+        listing = folders.scan(dataset[len(data.FOLDER):])
+        overrides = {**overrides, "dataset": data.FOLDER + str(listing.root.resolve()),
+                     "class_names": listing.class_names, "dataset_sha256": listing.fingerprint}
+    pinned = {}
+    if "num_classes" in {f.name for f in dataclasses.fields(configs.config_class(preset))}:
+        pinned["num_classes"] = overrides.get("num_classes", len(overrides["class_names"]))
+    return {"image_size": 32, "in_channels": 3, **overrides, **pinned}
+
+
+def _attention_levels(preset: str, overrides: dict) -> dict:
+    """A denoiser preset at another image size, its attention levels not given: attention at the same levels
+    of the U-Net as the preset has it (the tiny preset attends at 14 of 28×28, so at 16 of 32×32)."""
+    if (configs.config_class(preset) is not configs.Config or "image_size" not in overrides
+            or "attention_resolutions" in overrides or "channel_mult" in overrides):
+        return overrides
+    unet = configs.make_config(preset).unet
+    levels = [unet.resolutions.index(r) for r in unet.attention_resolutions]
+    resized = dataclasses.replace(unet, image_size=overrides["image_size"], attention_resolutions=()).resolutions
+    return {**overrides, "attention_resolutions": tuple(resized[level] for level in levels)}
 
 
 def load_latent_space(config: LatentConfig, run_dir) -> latent.LatentSpace:

@@ -26,8 +26,13 @@
 - **Devices.** The step runs data-parallel over a ``jax.sharding.Mesh`` of all
   devices: each batch is split along its first axis, parameters and optimizer
   state are replicated, and XLA inserts the gradient all-reduce. The same code
-  runs on one CPU, a GPU, a TPU or (with ``distributed=True``, started once per
-  host) several hosts through ``jax.distributed``.
+  runs on one CPU, a GPU, a TPU or several hosts: with ``distributed=True`` one
+  process per host joins the others through ``jax.distributed``
+  (``join_processes``: at ``coordinator``, as ``process_id`` of
+  ``num_processes``, or as the cluster says), and the mesh spans every device of
+  every host. Each host converts and sends only its own rows of each batch
+  (``host_rows``); process 0 alone writes the run folder. Two processes on one
+  CPU train to the parameters of one process (``tests/test_distributed.py``).
 - **Run folder** (its layout: ``diffusion.runs``): checkpoints, ``metrics.jsonl``
   (one JSON line per ``log_every`` steps), ``loss.png``, and grids drawn from
   the EMA model by ``diffusion.samplers`` every ``sample_every`` steps.
@@ -44,6 +49,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -145,13 +151,15 @@ def drop_prompts(key, ids, p: float, empty_ids):
     return jnp.where(jax.random.bernoulli(key, p, ids.shape[:1])[:, None], jnp.asarray(empty_ids), ids)
 
 
-def conditions(config: Config, rows: np.ndarray, step: int) -> np.ndarray:
-    """What the model is conditioned on for a batch, on the host: its labels (B,), or for a text run the token
-    ids (B, L) of captions drawn afresh for its ``diffusion.captions.digit_table`` rows, from a generator seeded
-    with (seed, step), so that a resumed run draws the same captions."""
+def conditions(config: Config, rows: np.ndarray, step: int, part: slice = slice(None)) -> np.ndarray:
+    """What the model is conditioned on for the ``part`` of a batch that this host sends (``host_rows``), on the
+    host: its labels, or for a text run the token ids (B, L) of captions drawn afresh for its
+    ``diffusion.captions.digit_table`` rows, from a generator seeded with (seed, step), so that a resumed run draws
+    the same captions. They are drawn for the whole batch (a few strings), so that a row's caption does not depend
+    on how many hosts share the batch, and only the ``part`` tokenized."""
     if config.kind != "text":
-        return rows.astype(np.int32)
-    texts = captions.captions_of(np.random.default_rng([config.seed, step]), rows)
+        return rows[part].astype(np.int32)
+    texts = captions.captions_of(np.random.default_rng([config.seed, step]), rows)[part]
     return config.tokenizer.encode_all(texts)
 
 
@@ -214,12 +222,14 @@ def distillation_objective(config, teacher_graphdef):
 def train_step(state: TrainState, x0, cond, fixed=None, *, graphdef, config: Config, teacher_graphdef=None):
     """One optimisation step on a batch: returns (new state, metrics). Pure; compiled by ``make_train_step``.
 
-    x0: the batch's images in the model range, or for a latent run the posteriors of their latents
+    x0: the batch's images, as uint8 pixels or in the model range, or for a latent run the posteriors of their latents
     (``diffusion.latent.posterior_moments``), from which the step draws them.
     cond: the batch's labels (B,), or for a text run its prompts' token ids (B, L).
     fixed: weights the step reads but never updates: a distillation run's teacher's (an ``nnx.State`` of
     ``teacher_graphdef``), or an adapter run's frozen base (the rest of ``graphdef`` beside ``state.params``).
     """
+    if x0.dtype == jnp.uint8:  # pixels, scaled here rather than on the host (as data.to_model_range does)
+        x0 = x0.astype(jnp.float32) / 127.5 - 1.0
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     key_labels, key_loss, key_dropout = jax.random.split(key, 3)
     if config.kind == "text":
@@ -255,6 +265,32 @@ def train_step(state: TrainState, x0, cond, fixed=None, *, graphdef, config: Con
     return TrainState(state.step + 1, state.rng, params, ema, opt_state), metrics
 
 
+def join_processes(config: RunConfig) -> None:
+    """Join the other processes of a ``distributed`` run (``jax.distributed.initialize``), before anything touches
+    a device: at ``config.coordinator`` (process 0 listens there) as process ``process_id`` of ``num_processes``,
+    or where those are not given as the cluster says (SLURM, Open MPI). Processes on CPUs all-reduce through gloo.
+    Does nothing if this process has joined already."""
+    if jax.distributed.is_initialized():
+        return
+    if not jax.config.jax_cpu_collectives_implementation:  # (gloo is JAX 0.10's default; older ones had none)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    given = {}
+    if config.coordinator:
+        given = dict(
+            coordinator_address=config.coordinator, num_processes=config.num_processes, process_id=config.process_id
+        )
+    try:
+        jax.distributed.initialize(**given)  # (returns once every process has connected)
+    except ValueError as error:  # nothing given, and no cluster to read it from
+        raise ConfigError(
+            f"distributed=True, but JAX found no cluster to join ({error}): give every process --coordinator "
+            "HOST:PORT --num-processes N --process-id I (docs/training.md), or pass --no-distributed"
+        ) from None
+    # A first collective while the processes are in step opens their connections: gloo gives up on one that the
+    # others do not open within 30 s, and later some host may load or compile for longer than that.
+    multihost_utils.sync_global_devices("joined")
+
+
 def make_mesh(devices: int = 0) -> Mesh:
     """A one-axis ("data") mesh over the first ``devices`` devices (0 = all, on every host)."""
     available = jax.devices()
@@ -277,13 +313,17 @@ def make_train_step(config: Config, graphdef, mesh: Mesh, teacher_graphdef=None)
     )
 
 
+def host_rows(batch_size: int) -> slice:
+    """The rows of a global batch that this host's devices take: the process_index-th of process_count equal parts
+    (all of them on one host)."""
+    per_host = batch_size // jax.process_count()
+    return slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+
+
 def put_batch(mesh: Mesh, x: np.ndarray):
-    """A global batch (the same on every host) as an array split over the mesh; each host sends its own part."""
-    per_host = len(x) // jax.process_count()
-    start = jax.process_index() * per_host
-    return jax.make_array_from_process_local_data(
-        NamedSharding(mesh, PartitionSpec("data")), x[start : start + per_host]
-    )
+    """This host's rows of a global batch (``host_rows``; the whole batch on one host) as the global array, split
+    over the mesh: each host sends only its own part."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), x)
 
 
 def put_state(mesh: Mesh, state: TrainState) -> TrainState:
@@ -393,7 +433,7 @@ def grid_of(config: RunConfig, space: latent.LatentSpace | None = None):
     """``draw(model) -> uint8 image``, the grid a run saves as it trains: samples (decoded by ``space`` for a
     latent run), or for an autoencoder its reconstructions of the first 16 test images."""
     if config.kind == "autoencoder":
-        shown = data.load_dataset(config.dataset, "test")[0][:16]
+        shown = data.load_run_data(config, "test")[0][:16]
         return functools.partial(reconstruction_grid, images=shown)
     return functools.partial(sample_grid, config=config, space=space)
 
@@ -420,7 +460,11 @@ def load_training_data(config: RunConfig, space: latent.LatentSpace | None = Non
     """The training split of ``config.dataset`` as (uint8 images, labels), checked against the config; for a text
     run the labels are the rows of ``diffusion.captions.digit_table`` (label and attribute bins); for a latent run
     the images are encoded by its ``space`` into the posteriors of their latents (``latent.posterior_moments``); for
-    an adapter run they are its concept's (``diffusion.concepts``)."""
+    an adapter run they are its concept's (``diffusion.concepts``). A folder's images are those its fingerprint
+    pinned (``diffusion.folders``), prepared as the config says, perhaps larger for random crops."""
+    if data.is_folder(config.dataset):
+        pixels, labels = _folder_data(config)
+        return (pixels, labels) if space is None else (latent.posterior_moments(space, pixels), labels)
     pixels, labels = data.load_dataset(config.dataset, "train")
     shape = data.to_model_range(pixels[:1]).shape[1:]
     if shape != (config.image_size, config.image_size, config.in_channels):
@@ -447,6 +491,45 @@ def load_training_data(config: RunConfig, space: latent.LatentSpace | None = Non
     if space is not None:
         return latent.posterior_moments(space, pixels), labels
     return pixels, labels
+
+
+def _folder_data(config: RunConfig):
+    """A folder's training images and labels, after checking it is the folder the run started on; says in a line
+    what was read (and which files could not be)."""
+    folder = data.load_folder(config)
+    if folder.fingerprint != config.dataset_sha256:
+        raise ConfigError(
+            f"{config.dataset[len(data.FOLDER):]} has changed since this run started (files added, removed or "
+            "rewritten): resuming would not see the same images. Put the folder back as it was, or start a new run "
+            "with another --name"
+        )
+    classes = f"{len(config.class_names)} classes ({', '.join(config.class_names)})" if config.class_names else "no classes"
+    print(f"{config.dataset}: {len(folder.images)} images, {classes}, from {folder.cache}")
+    if folder.unreadable:
+        print(f"  skipped {len(folder.unreadable)} file(s) that could not be decoded: " + "; ".join(folder.unreadable[:5]))
+    return folder.images, folder.labels if config.num_classes else np.zeros(len(folder.labels), np.int32)
+
+
+def _on_any_host(flag: bool) -> bool:
+    """Whether ``flag`` holds on any host (on one host: ``flag``), e.g. a Ctrl-C that reached only some of them."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.array(flag)).any())
+
+
+def host_batches(config: RunConfig, images, labels, start: int):
+    """What this host sends for each step from ``start`` on: ``(x, cond)`` for its rows of the step's batch
+    (``host_rows``). x: the images as uint8 pixels (N, H, W, C), cropped and flipped if the config says
+    (``data.augment``, drawn for the whole batch from a generator seeded by the step, so that neither a resumed run
+    nor the number of hosts changes them), which the train step scales on the device (a quarter of the bytes of
+    float32); or a latent run's posteriors. cond: their ``conditions``."""
+    rows = host_rows(config.batch_size)
+    batches = data.batches(images, labels, config.batch_size, config.seed, start_step=start)
+    for step, (x, y) in enumerate(batches, start):
+        if config.crop == "random" or config.flip:
+            x = data.augment(x, np.random.default_rng([config.seed, step, 1]), config.image_size, config.flip)
+        x = x[rows]
+        yield (x[..., np.newaxis] if x.ndim == 3 else x), conditions(config, y, step, rows)
 
 
 class _CtrlC:
@@ -482,7 +565,7 @@ def train(config: Config, callback=None) -> TrainState:
     early; ``resume=True`` picks up where the last checkpoint left off.
     """
     if config.distributed:
-        jax.distributed.initialize()
+        join_processes(config)
     is_main = jax.process_index() == 0
     mesh = make_mesh(config.devices)
     if config.batch_size % mesh.size:
@@ -542,15 +625,14 @@ def train(config: Config, callback=None) -> TrainState:
     def ema_model():  # the moving average of the weights (with an adapter run's frozen base), for the grids
         return nnx.merge(graphdef, to_host(state.ema), *([] if frozen is None else [to_host(frozen)]))
 
-    batches = data.batches(train_images, train_labels, config.batch_size, config.seed, start_step=start)
+    prepared = data.prefetch(host_batches(config, train_images, train_labels, start))
     first_step, interval_losses, timed_steps, step_seconds = int(state.step) + 1, [], 0, 0.0
     bar = tqdm(total=config.steps, initial=int(state.step), disable=not is_main, desc=config.name, unit="step")
-    with _CtrlC() as ctrl_c, bar:
+    with _CtrlC() as ctrl_c, bar, contextlib.closing(prepared):
         for done in range(int(state.step) + 1, config.steps + 1):  # done: the steps completed after this one
-            x, y = next(batches)
+            x, cond = next(prepared)
             started = time.perf_counter()
-            x = x if config.kind == "latent" else data.to_model_range(x)  # (a latent run's x: posteriors, float32)
-            state, metrics = step_fn(state, put_batch(mesh, x), put_batch(mesh, conditions(config, y, done - 1)))
+            state, metrics = step_fn(state, put_batch(mesh, x), put_batch(mesh, cond))
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step to finish
             if done > first_step:  # the first step of a session includes compiling: not timed
                 timed_steps, step_seconds = timed_steps + 1, step_seconds + time.perf_counter() - started
@@ -568,13 +650,15 @@ def train(config: Config, callback=None) -> TrainState:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 interval_losses = []
-            if done % config.checkpoint_every == 0 or done == config.steps or ctrl_c.pressed:
-                saved = _save(config, state, metrics=metrics, **kind_meta(config, graphdef, state, train_images))
+            stop = _on_any_host(ctrl_c.pressed)  # (every host saves and stops at the same step)
+            if done % config.checkpoint_every == 0 or done == config.steps or stop:
+                meta = kind_meta(config, graphdef, state, train_images) if is_main else {}
+                saved = _save(config, state, metrics=metrics, **meta)
                 if is_main:
                     plot_loss(metrics_path, config.run_dir / "loss.png")
             if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
                 _save_samples(config, ema_model(), done, draw)
-            if ctrl_c.pressed:
+            if stop:
                 print(f"interrupted at step {done}: saved {saved}; continue with --name {config.name} --resume")
                 break
     return state

@@ -8,6 +8,7 @@ import http.server
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -67,14 +68,16 @@ def test_load_dataset_defaults_to_embedded_train(embedded):
 
 def test_unknown_dataset_and_split_list_the_valid_ones():
     with pytest.raises(ValueError) as err:
-        data.load_dataset("cifar10")
-    for name in ("mnist-embedded", "mnist", "fashion-mnist"):
+        data.load_dataset("imagenet")
+    for name in ("mnist-embedded", "mnist", "fashion-mnist", "cifar10", "folder:PATH"):
         assert name in str(err.value)
+    with pytest.raises(ValueError, match="load_run_data"):
+        data.load_dataset("folder:/some/where")
     with pytest.raises(ValueError, match="train, test"):
         data.load_dataset("mnist-embedded", "validation")
     with pytest.raises(ValueError, match="train, test"):
         data.load_embedded_mnist("heldout")
-    with pytest.raises(ValueError, match="mnist, fashion-mnist"):
+    with pytest.raises(ValueError, match="mnist, fashion-mnist, cifar10"):
         data.download_dataset("mnist-embedded")
 
 
@@ -99,11 +102,22 @@ def test_from_model_range_clips_and_rounds():
     np.testing.assert_array_equal(data.from_model_range(x).ravel(), [0, 0, 128, 255, 255, 255])
 
 
+def test_model_range_keeps_colour_channels():
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    x = data.to_model_range(pixels)
+    assert x.shape == (3, 8, 8, 3)
+    np.testing.assert_allclose(x, pixels / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(data.from_model_range(x), pixels)  # colour stays (N, H, W, 3)
+    np.testing.assert_array_equal(data.scale_pixels(pixels[0]), x[0])  # one image, any shape
+
+
 def test_model_range_rejects_wrong_inputs():
     with pytest.raises(TypeError):
         data.to_model_range(np.zeros((2, 28, 28), dtype=np.float32))  # already converted
+    with pytest.raises(ValueError, match="batch"):
+        data.to_model_range(np.zeros((28, 28), dtype=np.uint8))  # one image, not a batch
     with pytest.raises(ValueError):
-        data.from_model_range(np.zeros((2, 28, 28), dtype=np.float32))  # no channel axis
+        data.from_model_range(np.zeros((28, 28), dtype=np.float32))  # no channel axis
 
 
 # ---------------------------------------------------------------------------
@@ -153,6 +167,23 @@ def test_batches_resume_exactly(start_step):
     for (xf, yf), (xr, yr) in zip(full[start_step:], resumed):
         np.testing.assert_array_equal(xf, xr)
         np.testing.assert_array_equal(yf, yr)
+
+
+def test_augment_crops_and_flips_reproducibly():
+    images = np.random.default_rng(0).integers(0, 256, (64, 9, 9, 3), dtype=np.uint8)
+    out = data.augment(images, np.random.default_rng([0, 5, 1]), 8, flip=True)
+    assert out.shape == (64, 8, 8, 3) and out.dtype == np.uint8
+    again = data.augment(images, np.random.default_rng([0, 5, 1]), 8, flip=True)
+    np.testing.assert_array_equal(out, again)  # the same generator state: the same crops and flips
+    flipped = offsets = 0
+    for image, crop in zip(images, out):  # each output is one of the 4 windows of its image, mirrored or not
+        windows = {(r, c, f): (image[r : r + 8, c : c + 8, :][:, ::-1] if f else image[r : r + 8, c : c + 8])
+                   for r in (0, 1) for c in (0, 1) for f in (False, True)}
+        (r, c, f), = [key for key, window in windows.items() if np.array_equal(window, crop)]
+        flipped, offsets = flipped + f, offsets + r + c
+    assert 16 < flipped < 48 and 32 < offsets < 96  # about half mirrored, offsets spread over 0 and 1
+    unflipped = data.augment(images[:, :8, :8], np.random.default_rng(1), 8, flip=False)
+    np.testing.assert_array_equal(unflipped, images[:, :8, :8])  # no room to move, no flip: unchanged
 
 
 def test_batches_rejects_bad_arguments():
@@ -356,3 +387,86 @@ def test_load_dataset_rejects_inconsistent_files(tmp_path, served):
     data.SHA256["mnist"][labels_file] = hashlib.sha256(bad_labels).hexdigest()
     with pytest.raises(data.DataError, match="labels outside 0..9"):
         data.load_dataset("mnist", "test", cache_dir=cache)
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-10: the binary archive, written small by the test
+# ---------------------------------------------------------------------------
+
+
+def cifar_archive(path, per_batch=3, seed=0, names=None, extra_bytes=0):
+    """A small tar.gz laid out as cifar-10-binary.tar.gz, with random records; returns (train, test) arrays."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(seed)
+    splits = {}
+    with tarfile.open(path, "w:gz") as archive:
+        for split, files in data.CIFAR_FILES.items():
+            images, labels = [], []
+            for name in names or files:
+                planes = rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
+                label = rng.integers(0, 10, per_batch, dtype=np.uint8)
+                raw = np.concatenate([label[:, None], planes.reshape(per_batch, -1)], axis=1).tobytes()
+                raw += b"\0" * extra_bytes
+                info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+                info.size = len(raw)
+                archive.addfile(info, io.BytesIO(raw))
+                images.append(planes.transpose(0, 2, 3, 1))  # red, green, blue planes -> (H, W, 3)
+                labels.append(label)
+            splits[split] = (np.concatenate(images), np.concatenate(labels))
+    return splits
+
+
+def test_cifar_download_then_read_offline(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    expected = cifar_archive(served / "cifar-10-binary.tar.gz")
+    digest = hashlib.sha256((served / "cifar-10-binary.tar.gz").read_bytes()).hexdigest()
+    monkeypatch.setitem(data.SHA256, "cifar10", {"cifar-10-binary.tar.gz": digest})
+    monkeypatch.setitem(data.MIRRORS, "cifar10", (served.as_uri(),))
+    cache = tmp_path / "cache"
+    for split in data.SPLITS:
+        images, labels = data.load_dataset("cifar10", split, cache_dir=cache)
+        assert images.shape == (len(labels), 32, 32, 3) and images.dtype == np.uint8
+        np.testing.assert_array_equal(images, expected[split][0])  # the planes interleaved into pixels
+        np.testing.assert_array_equal(labels, expected[split][1])
+    assert len(expected["train"][1]) == 15 and files_under(cache) == ["cifar10/cifar-10-binary.tar.gz"]
+    assert data.to_model_range(images).shape == (len(labels), 32, 32, 3)
+
+
+def test_cifar_archive_that_is_not_one_is_refused(tmp_path):
+    cifar_archive(tmp_path / "wrong.tar.gz", names=["something_else.bin"])
+    with pytest.raises(data.DataError, match="has no data_batch_1.bin"):
+        data.read_cifar(tmp_path / "wrong.tar.gz")
+    cifar_archive(tmp_path / "torn.tar.gz", extra_bytes=5)
+    with pytest.raises(data.DataError, match="3,073-byte records"):
+        data.read_cifar(tmp_path / "torn.tar.gz")
+    (tmp_path / "junk.tar.gz").write_bytes(b"junk")
+    with pytest.raises(data.DataError, match="cannot read"):
+        data.read_cifar(tmp_path / "junk.tar.gz")
+
+
+def test_prefetch_gives_the_same_items_and_hands_over_errors():
+    assert list(data.prefetch(iter(range(50)), depth=3)) == list(range(50))
+    stream = data.batches(*toy_dataset(10), batch_size=3, seed=0)
+    ahead = data.prefetch(data.batches(*toy_dataset(10), batch_size=3, seed=0))
+    for _ in range(7):
+        (x, y), (xp, yp) = next(stream), next(ahead)
+        np.testing.assert_array_equal(x, xp)
+        np.testing.assert_array_equal(y, yp)
+    ahead.close()  # stops its thread (an endless iterator)
+    for _ in range(50):
+        if not any(t.name == "prefetch" for t in threading.enumerate()):
+            break
+        time.sleep(0.02)
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
+
+    def failing():
+        yield 1
+        raise ValueError("bad item 2")
+
+    got = data.prefetch(failing())
+    assert next(got) == 1
+    with pytest.raises(ValueError, match="bad item 2"):
+        next(got)

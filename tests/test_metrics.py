@@ -286,3 +286,23 @@ def test_classifier_training_learns(held_out):
     test_images, test_labels = held_out
     logits, _ = classifier.logits_and_features(model, data.to_model_range(test_images))
     assert np.mean(logits.argmax(axis=1) == test_labels) > 0.5  # 30 steps on 512 digits: far above chance (0.1)
+
+
+def test_evaluate_pixels_sees_a_shift_that_real_images_do_not_have():
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 200, (800, 6, 6, 3), dtype=np.uint8)  # one distribution: a reference, a pool, draws
+    reference, pool, same = real[:200], real[200:600], real[600:]
+    fair = metrics.evaluate_pixels(same, reference, pool)
+    assert fair["n"] == 200 and fair["floor_std"] > 0
+    assert abs(fair["swd"] - fair["floor"]) < 0.15 * fair["floor"]  # a perfect generator scores near its floor
+    brighter = metrics.evaluate_pixels(same + 50, reference, pool)  # +50 of 255: +0.39 in the model's range
+    # A shift of every pixel by delta moves each projection theta . x by delta * sum(theta); SW_1 is the mean of
+    # |delta sum(theta)| over directions, about delta * sqrt(2 D / pi) / sqrt(D) = delta * sqrt(2 / pi).
+    assert brighter["swd"] > 4 * brighter["floor"]
+    np.testing.assert_allclose(brighter["swd"], 50 / 127.5 * np.sqrt(2 / np.pi), rtol=0.15)
+    floats = metrics.evaluate_pixels(data.to_model_range(same), reference, pool)
+    assert floats["swd"] == pytest.approx(fair["swd"], rel=1e-5)  # pixels or model-range floats alike
+    with pytest.raises(ValueError, match="generate fewer"):
+        metrics.evaluate_pixels(real[:500], reference, pool)
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.evaluate_pixels(same[:, :5], reference, pool)
