@@ -101,13 +101,14 @@ def run_notebook(tmp_path_factory):
     """``run_notebook(path)``: run a notebook top to bottom in fast mode (DIFFUSION_FAST=1); fails on any error.
 
     The notebooks of one test module share a scratch runs folder (the tiny
-    model the first one trains serves the others) and a JAX compilation cache
+    model the first one trains serves the others), a scratch data cache, and a JAX compilation cache
     (their kernels compile many of the same programs). The notebooks are split
     over two modules so that pytest-xdist's workers share them out.
     """
     environment = {
         "DIFFUSION_FAST": "1",
         "DIFFUSION_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
+        "DIFFUSION_DATA_DIR": str(tmp_path_factory.mktemp("data")),  # (a folder's decoded images: notebook 15)
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
