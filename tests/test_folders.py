@@ -220,6 +220,9 @@ def test_sample_by_class_name_writes_a_colour_png_that_redraws_bit_for_bit(colou
     assert grid.shape == (2 * 10 - 2, 2 * 10 - 2, 3)  # two rows (seeds) by two columns (labels) of 8 x 8 RGB
     settings = generate.read_settings(out)
     assert settings.labels == (2, 0) and settings.negative_label == 1
+    assert sample.main(argv[:-2] + ["--trajectory", "--out", str(tmp_path / "t.png")]) == 0
+    strip = np.asarray(Image.open(tmp_path / "t_trajectory.png"))
+    assert strip.ndim == 3 and strip.shape[2] == 3 and Image.open(tmp_path / "t.gif").n_frames == 3  # colour frames
     again = tmp_path / "again.png"
     assert sample.main(["--from-png", str(out), "--out", str(again)]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(again)), grid)
