@@ -88,7 +88,8 @@ class RunConfig:
 
     @property
     def label_names(self) -> tuple[str, ...]:
-        """The name of each class label: a folder's class folders, or a named dataset's classes (``data.CLASS_NAMES``)."""
+        """The name of each class label: a folder's class folders, or a named dataset's classes
+        (``data.CLASS_NAMES``)."""
         return self.class_names or data.CLASS_NAMES.get(self.dataset, ())
 
     def to_dict(self) -> dict:

@@ -370,8 +370,9 @@ def load_run_data(config, split="train"):
     """``(images, labels)`` of a run's dataset: a named one's ``split``, or a folder's images prepared as the
     run's config says (a folder has one split: ``test`` gives the same images as ``train``)."""
     if is_folder(config.dataset):
-        folder, margin = load_folder(config), (folders.stored_side(config.image_size, config.crop) - config.image_size) // 2
-        return folder.images[:, margin : margin + config.image_size, margin : margin + config.image_size], folder.labels
+        folder, size = load_folder(config), config.image_size
+        margin = (folders.stored_side(size, config.crop) - size) // 2  # random crops: the centre window
+        return folder.images[:, margin : margin + size, margin : margin + size], folder.labels
     return load_dataset(config.dataset, split)
 
 

@@ -113,7 +113,8 @@ def table(row: dict) -> str:
         return "\n".join([
             _header(row), "", f"{'':28}{'generated':>12}{'real images':>16}",
             f"{'sliced Wasserstein (pixels)':28}{row['swd']:>12.4f}{row['floor']:>9.4f} ± {row['floor_std']:.4f}",
-            "", "(the digit classifier's metrics apply to digits only; this is not Inception FID)", _footer(row, "images"),
+            "", "(the digit classifier's metrics apply to digits only; this is not Inception FID)",
+            _footer(row, "images"),
         ])
     rows = [
         ("", "generated", "real digits"),

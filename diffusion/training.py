@@ -503,11 +503,14 @@ def _folder_data(config: RunConfig):
             "rewritten): resuming would not see the same images. Put the folder back as it was, or start a new run "
             "with another --name"
         )
-    classes = f"{len(config.class_names)} classes ({', '.join(config.class_names)})" if config.class_names else "no classes"
+    names = config.class_names
+    classes = f"{len(names)} classes ({', '.join(names)})" if names else "no classes"
     print(f"{config.dataset}: {len(folder.images)} images, {classes}, from {folder.cache}")
     if folder.unreadable:
-        print(f"  skipped {len(folder.unreadable)} file(s) that could not be decoded: " + "; ".join(folder.unreadable[:5]))
-    return folder.images, folder.labels if config.num_classes else np.zeros(len(folder.labels), np.int32)
+        shown = "; ".join(folder.unreadable[:5]) + (" ..." if len(folder.unreadable) > 5 else "")
+        print(f"  skipped {len(folder.unreadable)} file(s) that could not be decoded: {shown}")
+    labels = folder.labels if config.num_classes else np.zeros(len(folder.labels), np.int32)  # (0: no classes)
+    return folder.images, labels
 
 
 def _on_any_host(flag: bool) -> bool:
