@@ -128,7 +128,7 @@ def label_number(value: int | str | None, config) -> int | None:
     classes' names (``Config.label_names``: a folder's class folders, CIFAR-10's or Fashion-MNIST's classes)."""
     if not isinstance(value, str):
         return value
-    names = getattr(config, "label_names", ())
+    names = config.label_names
     if value in names:
         return names.index(value)
     if not names:

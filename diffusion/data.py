@@ -359,11 +359,13 @@ def load_dataset(name="mnist-embedded", split="train", cache_dir=None):
     return _read_image_classification(download_dataset(name, cache_dir), split)
 
 
-def load_folder(config) -> folders.Folder:
+def load_folder(config, pinned: bool = False) -> folders.Folder:
     """The images of a run on ``folder:PATH`` prepared as its config says (``image_size``, ``in_channels``,
-    ``crop``), from the cache under ``data_dir()`` if it is current (``diffusion.folders.load``)."""
+    ``crop``), from the cache under ``data_dir()`` if it is current (``diffusion.folders.load``); with ``pinned``,
+    only if the folder is still the one the run started on (its ``dataset_sha256``), else a ``DataError``."""
     side = folders.stored_side(config.image_size, config.crop)
-    return folders.load(config.dataset[len(FOLDER):], side, config.in_channels, data_dir())
+    expect = config.dataset_sha256 if pinned else None
+    return folders.load(config.dataset[len(FOLDER):], side, config.in_channels, data_dir(), expect)
 
 
 def load_run_data(config, split="train"):

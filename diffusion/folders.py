@@ -166,16 +166,22 @@ def _cache_stem(root: Path, side: int, channels: int) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def load(root, side: int, channels: int, cache_dir) -> Folder:
+def load(root, side: int, channels: int, cache_dir, expect: str | None = None) -> Folder:
     """The images of the folder ``root`` prepared at ``side`` with ``channels``: from the cache in
     ``cache_dir`` if the folder's fingerprint is the one cached, else decoded, checked unchanged, and cached
     (atomically; any older cache of the same folder and preparation is removed).
 
-    A ``DataError`` if no image can be decoded or the folder changes while it is read.
+    A ``DataError`` if no image can be decoded, the folder changes while it is read, or its fingerprint is not
+    ``expect`` (when given: a run's pinned one), which is checked before anything is decoded.
     """
     if channels not in MODES:
         raise DataError(f"a folder of images is read as grey (1 channel) or RGB (3), not {channels} channels")
     listing = scan(root)
+    if expect is not None and listing.fingerprint != expect:
+        raise DataError(
+            f"{listing.root} has changed since this run started (files added, removed or rewritten): resuming "
+            "would not see the same images. Put the folder back as it was, or start a new run with another --name"
+        )
     stem = _cache_stem(listing.root, side, channels)
     path = cache_folder(cache_dir) / f"{stem}-{listing.fingerprint[:16]}.npz"
     if path.exists():

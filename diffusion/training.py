@@ -496,13 +496,7 @@ def load_training_data(config: RunConfig, space: latent.LatentSpace | None = Non
 def _folder_data(config: RunConfig):
     """A folder's training images and labels, after checking it is the folder the run started on; says in a line
     what was read (and which files could not be)."""
-    folder = data.load_folder(config)
-    if folder.fingerprint != config.dataset_sha256:
-        raise ConfigError(
-            f"{config.dataset[len(data.FOLDER):]} has changed since this run started (files added, removed or "
-            "rewritten): resuming would not see the same images. Put the folder back as it was, or start a new run "
-            "with another --name"
-        )
+    folder = data.load_folder(config, pinned=True)
     names = config.class_names
     classes = f"{len(names)} classes ({', '.join(names)})" if names else "no classes"
     print(f"{config.dataset}: {len(folder.images)} images, {classes}, from {folder.cache}")

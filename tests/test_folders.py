@@ -191,9 +191,11 @@ def test_training_on_a_folder_with_random_crops_and_flips_resumes_exactly(tmp_pa
     grid = np.asarray(Image.open(runs.samples_path(tmp_path / "runs" / "whole", 6)))
     assert grid.ndim == 3 and grid.shape[2] == 3  # a colour grid, one row per class
 
+    cached = sorted((cache / "folders").iterdir())
     picture(COLOURS["red"], 20, 20, "PNG", root / "red" / "new.png")
-    with pytest.raises(ConfigError, match="has changed since this run started"):
+    with pytest.raises(DataError, match="has changed since this run started"):
         training.train(runs.resume_config(str(tmp_path / "runs"), "whole", steps=9))
+    assert sorted((cache / "folders").iterdir()) == cached  # refused before decoding anything
 
 
 # --- Colour downstream ----------------------------------------------------------------------
