@@ -4,8 +4,9 @@
 
 Compiles ``training.make_train_step`` for the ``cpu`` preset (the U-Net on
 28×28×1 pixels), the ``latent`` preset (a U-Net on the 7×7×4 latents of the
-autoencoder run ``--autoencoder``, which only decides the shapes here) and the
-``autoencoder`` preset, then times them in alternating rounds of ``--calls``
+autoencoder run ``--autoencoder``, which only decides the shapes here), the
+``autoencoder`` preset, and the text models in pixels and in latents (``text``,
+``latent-text``), then times them in alternating rounds of ``--calls``
 steps on fixed batches, so that the machine's drift falls on all alike. Then
 the same for sampling: 64 images by DDIM in 25 steps, the latent model's
 including the one decode at the end. Prints images per second (median of the
@@ -29,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from diffusion import data, runs, samplers, training  # noqa: E402
+from diffusion.configs import LatentConfig  # noqa: E402
 from diffusion.unet import as_denoiser  # noqa: E402
 
 
@@ -36,10 +38,10 @@ def compiled_step(config):
     """(config, compiled step, state, x, cond, temporary bytes) for one run's config, on fixed inputs."""
     mesh = training.make_mesh()
     graphdef, state = training.init_state(config)
-    space = runs.load_latent_space(config, config.run_dir) if config.kind == "latent" else None
+    space = runs.load_latent_space(config, config.run_dir) if isinstance(config, LatentConfig) else None
     images, labels = training.load_training_data(config, space)
     x = images[: config.batch_size]
-    x = x if config.kind == "latent" else data.to_model_range(x)
+    x = x if isinstance(config, LatentConfig) else data.to_model_range(x)
     cond = training.conditions(config, labels[: config.batch_size], 0)
     x, cond, state = training.put_batch(mesh, x), training.put_batch(mesh, cond), training.put_state(mesh, state)
     step = training.make_train_step(config, graphdef, mesh).lower(state, x, cond).compile()
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
         "pixel (cpu preset)": runs.start_config("cpu"),
         "latent preset": runs.start_config("latent", autoencoder=args.autoencoder),
         "autoencoder preset": runs.start_config("autoencoder"),
+        "text preset": runs.start_config("text"),
+        "latent-text preset": runs.start_config("latent-text", autoencoder=args.autoencoder),
     }
     steps = {name: compiled_step(config) for name, config in configs.items()}
 

@@ -1,6 +1,7 @@
 """How well does a text model follow its prompts? Digits, attributes, held-out combinations, negative prompts.
 
     .venv/bin/python benchmarks/text_prompts.py [--checkpoint runs/text] [--prompts 100] [--seeds 10] [--out docs]
+        [--name prompts]
 
 (``--prompts 4 --seeds 1 --negative-seeds 2`` on a tiny run checks the script in seconds.)
 
@@ -20,7 +21,8 @@ prompt with every seed and judges the digits:
    a negative prompt, its mean shift and the standard error of that shift.
 4. **Guidance sweep**: scales 1, 1.75 (the label models' default), 2, 3 and 5.
 
-Prints the tables; with ``--out DIR`` writes DIR/prompts.md.
+Prints the tables; with ``--out DIR`` writes DIR/prompts.md and DIR/prompts.jsonl (``--name`` for another
+name than prompts: ``--checkpoint runs/latent-text --name prompts_latent``).
 """
 
 import argparse
@@ -34,6 +36,7 @@ import jax
 import numpy as np
 
 from diffusion import captions, cli, data, evaluation, generate, runs
+from diffusion.configs import TextConfig
 
 NEGATIVE_CASES = (  # (prompt, negative prompt, attribute it should move)
     ("a seven", "bold", "thickness"),
@@ -103,11 +106,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=100, help="seen prompts (default: 100)")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per prompt (default: 10)")
     parser.add_argument("--negative-seeds", type=int, default=200, help="seeds per negative-prompt case (default: 200)")
-    parser.add_argument("--out", help="write DIR/prompts.md")
+    parser.add_argument("--out", help="write DIR/NAME.md and DIR/NAME.jsonl")
+    parser.add_argument("--name", default="prompts", help="the files' name (default: prompts)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     checkpoint = runs.open_checkpoint(args.checkpoint)
-    if checkpoint.kind != "text":
+    if not isinstance(checkpoint.config, TextConfig):
         raise SystemExit(f"error: {args.checkpoint} holds a {checkpoint.kind} model; this judges text models")
     cuts = evaluation.attribute_cuts(checkpoint.config)
     rng = np.random.default_rng(0)
@@ -160,8 +164,8 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         out = Path(args.out)
-        (out / "prompts.md").write_text(text)
-        (out / "prompts.jsonl").write_text(
+        (out / f"{args.name}.md").write_text(text)
+        (out / f"{args.name}.jsonl").write_text(
             "".join(json.dumps({"name": name, **{k: v for k, v in row.items() if k != "images"}}) + "\n"
                     for name, row in [("seen", seen), ("held_out", held), *sweep])
         )

@@ -15,7 +15,16 @@ Prints the curve as a table; with ``--out PREFIX`` also writes PREFIX.md (the
 table, the machine and the command) and PREFIX.png (accuracy and FID against
 minutes). ``--set`` changes training fields for recipe experiments, e.g.
 ``--set learning_rate=3e-3 --set batch_size=64`` (any field but the booleans),
-and ``--baseline steps=1600`` trains a second recipe first for comparison.
+and ``--baseline steps=1600`` trains a second recipe first for comparison,
+of ``--baseline-preset`` if given.
+
+A latent preset trains its own autoencoder first (``--autoencoder-preset``,
+timed the same way, unless ``--set autoencoder=RUN`` names one): its minutes
+count in the latent curve's, and are also stated apart. Latent against pixel
+diffusion at equal wall clock (docs/latent.md):
+
+    .venv/bin/python benchmarks/time_to_quality.py --preset latent --every 1000 \
+        --baseline-preset cpu --baseline steps=2400 --baseline-every 600 --n 1000 --out docs/latent_vs_pixel
 """
 
 import argparse
@@ -86,15 +95,24 @@ def plot(curves: dict[str, list[dict]], title: str, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-def curve(preset: str, overrides: list[str], name: str, args, settings: dict, runs_dir: str):
-    """Train one recipe, then judge each of its checkpoints: (config, rows, the settings used)."""
-    config = make_run_config(preset, overrides, name, args.every, runs_dir)
+def curve(preset: str, overrides: list[str], name: str, every: int, args, settings: dict, runs_dir: str):
+    """Train one recipe (a latent one after its autoencoder, unless it names one), keeping a checkpoint every
+    ``every`` steps, then judge each checkpoint: (config, rows, the settings used)."""
+    autoencoder_seconds = 0.0
+    if issubclass(configs.config_class(preset), configs.LatentConfig) and not any(
+            item.startswith("autoencoder=") for item in overrides):
+        autoencoder = make_run_config(args.autoencoder_preset, [], f"{name}-autoencoder", 10**9, runs_dir)
+        autoencoder_seconds = max(train_timed(autoencoder).values())
+        overrides = [*overrides, f"autoencoder={autoencoder.run_dir}"]
+        print(f"{name}: autoencoder trained in {autoencoder_seconds / 60:.1f} min", flush=True)
+    config = make_run_config(preset, overrides, name, every, runs_dir)
     seconds = train_timed(config)
     rows = []
     for path in checkpoint.checkpoints(runs.checkpoint_dir(config.run_dir)):
         step = checkpoint.step_of(path)
         result = judge(path, args.n, settings)
-        rows.append({"recipe": name, "step": step, "minutes": seconds[step] / 60, **result})
+        rows.append({"recipe": name, "step": step, "minutes": (autoencoder_seconds + seconds[step]) / 60,
+                     "autoencoder_minutes": autoencoder_seconds / 60, **result})
         print(f"{name}: step {step:5d}  {rows[-1]['minutes']:5.1f} min  accuracy {result['accuracy']:.3f}  "
               f"FID {result['fid']:6.2f} (floor {result['floor']:.2f})  recall {result['recall']:.2f}", flush=True)
     used = generate.default_settings(runs.open_checkpoint(path), **settings)
@@ -102,9 +120,13 @@ def curve(preset: str, overrides: list[str], name: str, args, settings: dict, ru
 
 
 def describe(config: configs.Config, preset: str) -> str:
-    scratch = ("kind", "name", "runs_dir", "checkpoint_every", "keep_checkpoints")
-    preset_values = configs.make_config(preset).to_dict()
-    changed = {k: v for k, v in config.to_dict().items() if k not in scratch and v != preset_values[k]}
+    """The preset and the fields in which ``config`` differs from it (leaving out the scratch folder's and what
+    a run pins)."""
+    scratch = ("kind", "name", "runs_dir", "checkpoint_every", "keep_checkpoints", "autoencoder") + config.NOT_FLAGS
+    fields = {f.name: f.default for f in dataclasses.fields(config)} | configs.PRESETS[preset]
+    preset_values = json.loads(json.dumps(fields))  # tuples as the lists of to_dict's JSON
+    changed = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items()
+               if k not in scratch and v != preset_values[k]}
     return f"preset {preset}{' with ' + json.dumps(changed) if changed else ''}"
 
 
@@ -116,6 +138,10 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a training field")
     parser.add_argument("--baseline", action="append", metavar="FIELD=VALUE",
                         help="also train the preset with these overrides first, for a second curve beside it")
+    parser.add_argument("--baseline-preset", help="the baseline's preset (default: --preset)")
+    parser.add_argument("--baseline-every", type=int, help="the baseline's --every (default: --every)")
+    parser.add_argument("--autoencoder-preset", default="autoencoder",
+                        help="the preset of the autoencoder a latent recipe trains first (default: autoencoder)")
     parser.add_argument("--sampler", help="sampler for the evaluations (default: sample.py's)")
     parser.add_argument("--steps", type=int, help="sampling steps for the evaluations (default: sample.py's)")
     parser.add_argument("--guidance", type=float, help="guidance scale for the evaluations (default: sample.py's)")
@@ -125,13 +151,18 @@ def main(argv=None) -> int:
     chosen = ("sampler", "steps", "guidance", "guidance_interval")
     settings = {k: getattr(args, k) for k in chosen if getattr(args, k) is not None}
 
-    recipes = {"baseline": args.baseline, "recipe": args.set} if args.baseline else {"recipe": args.set}
+    recipes = {"recipe": (args.preset, args.set, args.every)}
+    if args.baseline or args.baseline_preset:
+        baseline = (args.baseline_preset or args.preset, args.baseline or [], args.baseline_every or args.every)
+        recipes = {"baseline": baseline, **recipes}
     curves, described = {}, []
     with tempfile.TemporaryDirectory() as runs_dir:
-        for name, overrides in recipes.items():
-            config, rows, used = curve(args.preset, overrides, name, args, settings, runs_dir)
-            label = describe(config, args.preset)
-            curves[label] = rows
+        for name, (preset, overrides, every) in recipes.items():
+            config, rows, used = curve(preset, overrides, name, every, args, settings, runs_dir)
+            label = describe(config, preset)
+            if rows[0]["autoencoder_minutes"]:
+                label += f" (its autoencoder trained first: {rows[0]['autoencoder_minutes']:.1f} min, counted in)"
+            curves[f"{name}: preset {preset}"] = rows
             described.append(f"{name}: {label}")
     interval = "every step" if used.guidance_interval is None else "sigma {:g}–{:g}".format(*used.guidance_interval)
     sampling = f"{used.sampler} {used.steps} steps, guidance {used.guidance:g} ({interval}), n = {args.n}"

@@ -192,8 +192,9 @@ def kl_divergence(mean, log_variance):
     return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(log_variance) - 1.0 - log_variance, axis=(1, 2, 3))
 
 
-def loss(model, x, cond, key, *, kl_weight: float, reconstruction: str = "l1"):
-    """The autoencoder's training loss: reconstruction error + kl_weight · KL (Rombach et al. 2022, Sec. 3.1).
+def loss(model, x, cond, key, *, kl_weight: float, reconstruction: str = "l2"):
+    """The autoencoder's training loss: reconstruction error (L1 as LDM's, or squared) + kl_weight · KL (Rombach et
+    al. 2022, Sec. 3.1).
 
     Both terms are sums over an image, as in LDM, so ``kl_weight`` has LDM's
     meaning (1e-6 in their KL-f4); the total is divided by the number of

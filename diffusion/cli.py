@@ -66,7 +66,7 @@ def config_from_flags(argv=None, description: str | None = None) -> configs.RunC
         default="cpu",
         choices=configs.PRESETS,
         help="starting point (default: cpu); flags override its fields (each kind of preset has its own: "
-        "text, autoencoder, latent)",
+        "text, autoencoder, latent, latent-text)",
     )
     first = Parser(add_help=False)  # which fields are flags depends on the preset's kind: read it first
     first.add_argument("--preset", default="cpu")

@@ -36,7 +36,8 @@ class RunConfig:
     """The settings every kind of training run has: its folder, its data, the optimisation and what it writes.
 
     Each kind of run adds its model's fields: ``Config`` (a denoising U-Net),
-    ``TextConfig``, ``AutoencoderRunConfig``, ``LatentConfig``, ``DistillConfig``.
+    ``TextConfig``, ``AutoencoderRunConfig``, ``LatentConfig``, ``LatentTextConfig``, ``DistillConfig``,
+    ``LoRAConfig``.
     """
 
     kind: ClassVar[str] = ""  # what the run's checkpoints hold (see diffusion.runs)
@@ -224,7 +225,7 @@ class AutoencoderRunConfig(RunConfig):
     num_res_blocks: int = 1
     norm_groups: int = 8
     kl_weight: float = 1e-6  # of the KL term against the reconstruction term, both summed over an image (as LDM's)
-    reconstruction: str = "l1"  # l1 or l2 (diffusion.autoencoder.RECONSTRUCTION_LOSSES)
+    reconstruction: str = "l2"  # l1 or l2 (diffusion.autoencoder.RECONSTRUCTION_LOSSES); l2 measured better here
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -278,6 +279,20 @@ class LatentConfig(Config):
         """The network this run trains: on latents of shape ``latent_shape``."""
         h, _, c = self.latent_shape
         return UNetConfig(**{**{name: getattr(self, name) for name in UNET_FIELDS}, "image_size": h, "in_channels": c})
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentTextConfig(TextConfig, LatentConfig):
+    """Text prompts in latent space: a ``TextConfig`` run whose U-Net denoises the latents of a pinned autoencoder,
+    as a ``LatentConfig`` run does; both classes' fields and checks apply, and it is an instance of both.
+
+    This is the arrangement of Stable Diffusion (Rombach et al. 2022, Sec. 3.3):
+    the captions' tokens are read by cross-attention on the latent grid, and the
+    images are decoded once, after the last step.
+    """
+
+    kind: ClassVar[str] = "latent-text"
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(TextConfig.NOT_FLAGS + LatentConfig.NOT_FLAGS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,10 +476,13 @@ ARCHITECTURE_FIELDS = tuple(f for f in UNET_FIELDS if f not in ("dropout", "comp
 # (each host its own process_id), never from the config.json of the checkpoint (written by process 0).
 LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
 # The architecture fields of each kind of run: a checkpoint of that kind resumes only with the same values.
+_TEXT_FIELDS = ("text_width", "text_layers", "text_heads", "max_tokens", "vocabulary")
+_LATENT_FIELDS = ("autoencoder_sha256", "latent_scale", "latent_shape")
 KIND_ARCHITECTURE_FIELDS = {
     "denoiser": ARCHITECTURE_FIELDS,
-    "text": ARCHITECTURE_FIELDS + ("text_width", "text_layers", "text_heads", "max_tokens", "vocabulary"),
-    "latent": ARCHITECTURE_FIELDS + ("autoencoder_sha256", "latent_scale", "latent_shape"),
+    "text": ARCHITECTURE_FIELDS + _TEXT_FIELDS,
+    "latent": ARCHITECTURE_FIELDS + _LATENT_FIELDS,
+    "latent-text": ARCHITECTURE_FIELDS + _TEXT_FIELDS + _LATENT_FIELDS,
     "autoencoder": tuple(f for f in AUTOENCODER_FIELDS if f != "compute_dtype"),
     "distill": ARCHITECTURE_FIELDS + ("method", "teacher_sha256", "teacher_steps", "origin_steps"),
     "lora": ARCHITECTURE_FIELDS + ("method", "base_sha256", "rank", "alpha", "targets", "concept", "letters"),
@@ -527,6 +545,9 @@ PRESETS = {
     # Latent diffusion (LatentConfig): the U-Net on the 7×7×4 latents of --autoencoder (8×8 padded, then 4×4).
     "latent": dict(name="latent", channels=32, channel_mult=(1, 2), attention_resolutions=(4,), steps=4000),
     "latent-tiny": dict(_TINY, channel_mult=(1, 2), attention_resolutions=(4,)),
+    # Text prompts in latent space (LatentTextConfig): the latent U-Net with the text preset's encoder.
+    "latent-text": dict(name="latent-text", channels=32, channel_mult=(1, 2), attention_resolutions=(4,), steps=9000),
+    "latent-text-tiny": dict(_TINY, channel_mult=(1, 2), attention_resolutions=(4,), text_width=8, text_layers=1),
     # Few-step students of --teacher (DistillConfig; the architecture is the teacher's). Progressive
     # distillation halves the teacher's DDIM steps per run: 64 -> 32 here, then --teacher runs/progressive-32 ...
     "progressive": dict(method="progressive", teacher_steps=64, sample_steps=32, steps=400, learning_rate=3e-4,
@@ -650,12 +671,12 @@ def _validate(c: Config):
 
 
 def config_class(preset: str) -> type[RunConfig]:
-    """The class of a preset's config, from its name: ``TextConfig`` for text*, ``AutoencoderRunConfig`` for
-    autoencoder*, ``LatentConfig`` for latent*, ``DistillConfig`` for progressive* and consistency*,
-    ``LoRAConfig`` for lora*, ``Config`` for the others."""
+    """The class of a preset's config, from its name: ``LatentTextConfig`` for latent-text*, ``TextConfig`` for
+    text*, ``AutoencoderRunConfig`` for autoencoder*, ``LatentConfig`` for latent*, ``DistillConfig`` for
+    progressive* and consistency*, ``LoRAConfig`` for lora*, ``Config`` for the others."""
     for prefix, cls in (
-        ("text", TextConfig), ("autoencoder", AutoencoderRunConfig), ("latent", LatentConfig),
-        ("progressive", DistillConfig), ("consistency", DistillConfig), ("lora", LoRAConfig),
+        ("latent-text", LatentTextConfig), ("text", TextConfig), ("autoencoder", AutoencoderRunConfig),
+        ("latent", LatentConfig), ("progressive", DistillConfig), ("consistency", DistillConfig), ("lora", LoRAConfig),
     ):
         if preset.startswith(prefix):
             return cls

@@ -53,7 +53,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffusion import captions, editing, files, guidance, latent, lora, pictures, noise, runs, samplers, watermark
-from diffusion.configs import Config
+from diffusion.configs import Config, LatentConfig, TextConfig
 from diffusion.errors import GenerationError, is_whole
 from diffusion.schedules import timestep_at
 from diffusion.unet import as_denoiser
@@ -282,7 +282,7 @@ def default_settings(checkpoint: runs.Checkpoint, **choices) -> Settings:
     for name in ("init_image", "mask"):
         if choices.get(name) is not None:
             choices.setdefault(f"{name}_sha256", _input_sha256(choices[name], name.replace("_", " ")))
-    text = config.kind == "text"
+    text = isinstance(config, TextConfig)
     defaults = dict(
         checkpoint=str(checkpoint.path),
         checkpoint_sha256=checkpoint.sha256,
@@ -351,7 +351,7 @@ def check_settings(settings: Settings, config: Config) -> None:
         samplers.make_plan(settings.sampler, spacing=settings.spacing, **_model_settings(settings, config))
     except ValueError as error:
         raise GenerationError(str(error)) from None
-    if config.kind == "text":
+    if isinstance(config, TextConfig):
         _need(
             settings.labels == (None,) and settings.negative_label is None,
             "this model is steered by text prompts, not class labels: give --prompt (and --negative-prompt)",
@@ -505,7 +505,7 @@ def guided_denoiser(model, settings: Settings, config: Config):
         return guidance.embedded_guidance(denoiser, settings.guidance)
     if settings.guidance == 1.0:
         return denoiser
-    if config.kind == "text":
+    if isinstance(config, TextConfig):
         negative = config.tokenizer.encode(settings.negative_prompt or "")
     else:
         negative = model.num_classes if settings.negative_label is None else settings.negative_label
@@ -564,7 +564,8 @@ def generate(
         if settings.watermarked else "these settings are of an unmarked generation: leave the watermark key out",
     )
     size, channels = config.image_size, config.in_channels
-    space = runs.load_latent_space(config, runs.run_folder(checkpoint.path)) if config.kind == "latent" else None
+    in_latents = isinstance(config, LatentConfig)
+    space = runs.load_latent_space(config, runs.run_folder(checkpoint.path)) if in_latents else None
     x_known = mask = None
     if settings.init_image is not None:
         x_known = pictures.load_image(settings.init_image, size, channels, settings.resize)
@@ -590,7 +591,7 @@ def generate(
     if watermark_key is not None:
         x_T = watermark.mark(x_T, watermark_key)
     cond = filler = None  # the condition of each image, and of the padding of the last batch
-    if config.kind == "text":
+    if isinstance(config, TextConfig):
         cond, filler = config.tokenizer.encode_all(labels), config.tokenizer.empty_ids
     elif config.num_classes:
         null = config.num_classes

@@ -9,7 +9,8 @@ real figures.
 (``runs/default``, written by ``make demo``) when there is one, and otherwise
 trains what it needs, tiny in fast mode; ``trained_text_model()`` likewise
 for the text model (``runs/text``), ``trained_latent_model()`` for the latent
-model (``runs/latent``) and its autoencoder (``runs/autoencoder``), ``trained_student()`` for the
+model (``runs/latent``) and its autoencoder (``runs/autoencoder``), ``trained_latent_text_model()`` for text
+prompts in latent space (``runs/latent-text``), ``trained_student()`` for the
 few-step students of the main job's model (``runs/consistency``, ``runs/progressive-N``), ``trained_adapter()``
 for LoRA adapters of it (``runs/lora-A``, ``runs/lora-hollow``), ``trained_flow_run()`` for the main job's U-Net
 trained with the flow-matching objective instead (``runs/flow``).
@@ -62,6 +63,14 @@ def trained_latent_model(fast: bool = FAST) -> runs.Loaded:
     mode ``latent-tiny`` on ``autoencoder-tiny``, a few steps each. Its autoencoder: ``runs.load_latent_space``."""
     autoencoder = _trained_run("autoencoder", "autoencoder", "autoencoder-tiny", fast)
     return runs.load(_trained_run("latent", "latent", "latent-tiny", fast, autoencoder=str(autoencoder)))
+
+
+def trained_latent_text_model(fast: bool = FAST) -> runs.Loaded:
+    """A text model in latent space, loaded: ``runs/latent-text`` (``train.py --preset latent-text``) if it has a
+    checkpoint, else trained now on the autoencoder of ``trained_latent_model`` (``latent-text-tiny`` in fast
+    mode)."""
+    autoencoder = _trained_run("autoencoder", "autoencoder", "autoencoder-tiny", fast)
+    return runs.load(_trained_run("latent-text", "latent-text", "latent-text-tiny", fast, autoencoder=str(autoencoder)))
 
 
 def trained_text_model(fast: bool = FAST) -> runs.Loaded:

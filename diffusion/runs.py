@@ -62,7 +62,8 @@ from diffusion import checkpoint, configs, data, folders, latent, lora
 from diffusion.autoencoder import Autoencoder
 from diffusion.files import sha256_of
 from diffusion.configs import (
-    AutoencoderRunConfig, Config, DistillConfig, LatentConfig, LoRAConfig, TextConfig, config_from_dict,
+    AutoencoderRunConfig, Config, DistillConfig, LatentConfig, LatentTextConfig, LoRAConfig, TextConfig,
+    config_from_dict,
 )
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.text_encoder import TextUNet
@@ -181,6 +182,12 @@ KINDS = {
         references=lambda config: (_autoencoder_of(config),),
         conditioning=_label_conditioning,
     ),
+    "latent-text": Kind(
+        config_from_dict=functools.partial(config_from_dict, cls=LatentTextConfig),
+        make_model=lambda config, rngs: TextUNet(config.unet, config.text_encoder, config.vocabulary, rngs=rngs),
+        references=lambda config: (_autoencoder_of(config),),
+        conditioning=lambda config: Conditioning("text"),
+    ),
     "distill": Kind(
         config_from_dict=functools.partial(config_from_dict, cls=DistillConfig),
         make_model=lambda config, rngs: UNet(config.unet, rngs=rngs),
@@ -194,8 +201,8 @@ KINDS = {
         conditioning=_label_conditioning,  # sampled on its base (sample.py --lora), with the new classes
     ),
 }
-TRAINABLE = ("denoiser", "text", "autoencoder", "latent", "distill", "lora")  # the kinds train.py trains, resumes
-GENERATIVE = ("denoiser", "text", "latent", "distill")  # the kinds that sample.py and evaluate.py sample from
+TRAINABLE = ("denoiser", "text", "autoencoder", "latent", "latent-text", "distill", "lora")  # what train.py trains
+GENERATIVE = ("denoiser", "text", "latent", "latent-text", "distill")  # the kinds that sample.py, evaluate.py draw
 
 
 # --- Checkpoints ----------------------------------------------------------------------
@@ -501,7 +508,7 @@ def start_config(preset: str = "cpu", **overrides) -> Config:
         overrides = _student_overrides(preset, overrides)
     if configs.config_class(preset) is LoRAConfig:
         overrides = _adapter_overrides(preset, overrides)
-    if configs.config_class(preset) is LatentConfig:
+    if issubclass(configs.config_class(preset), LatentConfig):
         opened, scale = open_autoencoder(overrides.get("autoencoder", LatentConfig.autoencoder))
         ae = opened.config
         overrides = {

@@ -73,7 +73,7 @@ from diffusion import (
     autoencoder, captions, checkpoint, concepts, data, distillation, files, guidance, latent, pictures, losses, runs,
     samplers,
 )
-from diffusion.configs import Config, RunConfig, check_compatible
+from diffusion.configs import Config, LatentConfig, RunConfig, TextConfig, check_compatible
 from diffusion.errors import ConfigError
 from diffusion.unet import as_denoiser
 
@@ -157,7 +157,7 @@ def conditions(config: Config, rows: np.ndarray, step: int, part: slice = slice(
     ``diffusion.captions.digit_table`` rows, from a generator seeded with (seed, step), so that a resumed run draws
     the same captions. They are drawn for the whole batch (a few strings), so that a row's caption does not depend
     on how many hosts share the batch, and only the ``part`` tokenized."""
-    if config.kind != "text":
+    if not isinstance(config, TextConfig):
         return rows[part].astype(np.int32)
     texts = captions.captions_of(np.random.default_rng([config.seed, step]), rows)[part]
     return config.tokenizer.encode_all(texts)
@@ -232,13 +232,13 @@ def train_step(state: TrainState, x0, cond, fixed=None, *, graphdef, config: Con
         x0 = x0.astype(jnp.float32) / 127.5 - 1.0
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     key_labels, key_loss, key_dropout = jax.random.split(key, 3)
-    if config.kind == "text":
+    if isinstance(config, TextConfig):
         cond = drop_prompts(key_labels, cond, config.prompt_dropout, config.tokenizer.empty_ids)
     elif config.num_classes:
         cond = drop_labels(key_labels, cond, config.label_dropout, config.num_classes)
     else:
         cond = None
-    if config.kind == "latent":
+    if isinstance(config, LatentConfig):
         key_loss, key_latents = jax.random.split(key_loss)
         x0 = latent.sample_latents(x0, key_latents, config.latent_scale)
 
@@ -397,7 +397,7 @@ def sample_grid(model, config: Config, per_class: int = 4, space: latent.LatentS
     starting noise every time, so grids from different steps are comparable.
     A latent run's samples are decoded by its ``space``.
     """
-    if config.kind == "text":
+    if isinstance(config, TextConfig):
         rows, negative = len(captions.EXAMPLE_PROMPTS), config.tokenizer.empty_ids
         cond = jnp.repeat(config.tokenizer.encode_all(captions.EXAMPLE_PROMPTS), per_class, axis=0)
     else:
@@ -477,8 +477,8 @@ def load_training_data(config: RunConfig, space: latent.LatentSpace | None = Non
         raise ConfigError(
             f"dataset {config.dataset} has labels up to {labels.max()}, but num_classes={config.num_classes}"
         )
-    if config.kind == "text":
-        return pixels, captions.digit_table(pixels, labels)
+    if isinstance(config, TextConfig):  # (in latents too: the captions measure the pixels)
+        labels = captions.digit_table(pixels, labels)
     if config.kind == "lora":  # the new concept: rendered letters under new labels, or digits drawn in a style
         chosen = np.random.default_rng(config.seed).permutation(len(pixels))  # (the digits come grouped by class)
         if config.concept == "letters":
@@ -572,7 +572,7 @@ def train(config: Config, callback=None) -> TrainState:
     for folder in (Path(config.runs_dir), config.run_dir):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{folder} is a file, not a folder: choose another --runs-dir or --name")
-    space = runs.load_latent_space(config, config.run_dir) if config.kind == "latent" else None
+    space = runs.load_latent_space(config, config.run_dir) if isinstance(config, LatentConfig) else None
     teacher = runs.load_teacher(config, config.run_dir) if config.kind == "distill" else None
     base = runs.load_base(config, config.run_dir) if config.kind == "lora" else None
     train_images, train_labels = load_training_data(config, space)

@@ -62,6 +62,7 @@ import numpy as np
 from scipy import stats
 
 from diffusion import editing, generate, pictures, runs
+from diffusion.configs import LatentConfig, TextConfig
 from diffusion.errors import GenerationError, is_whole
 
 PATTERNS = ("rings", "zeros", "random")
@@ -224,9 +225,12 @@ def recover_noise(loaded: runs.Loaded, images, *, steps: int = DEFAULT_DETECTION
     config = loaded.config
     check_detectable(config)
     images = jnp.asarray(images, jnp.float32)
-    if config.kind == "latent":
+    if isinstance(config, LatentConfig):
         images = runs.load_latent_space(config, runs.run_folder(loaded.checkpoint.path)).encode(images)
-    null = config.tokenizer.empty_ids if config.kind == "text" else config.num_classes if config.num_classes else None
+    if isinstance(config, TextConfig):
+        null = config.tokenizer.empty_ids
+    else:
+        null = config.num_classes if config.num_classes else None
     settings = dict(schedule=config.noise_schedule, steps=steps, parameterization=config.parameterization)
     recovered = []
     for start in range(0, len(images), batch_size):
@@ -253,7 +257,7 @@ def generations(checkpoint: runs.Checkpoint, n: int, first_seed: int = 0, key: K
         index = list(range(j, n, len(columns)))
         if not index:
             continue
-        condition = dict(prompts=(column,)) if checkpoint.kind == "text" else dict(labels=(column,))
+        condition = dict(prompts=(column,)) if isinstance(checkpoint.config, TextConfig) else dict(labels=(column,))
         settings = generate.default_settings(
             checkpoint, **{**choices, **condition}, seeds=tuple(first_seed + i for i in index),
             watermarked=key is not None,

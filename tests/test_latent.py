@@ -187,3 +187,31 @@ def test_an_autoencoder_does_not_sample(autoencoder_run, tmp_path, capsys):
     assert _sample("--checkpoint", config.run_dir, "--out", tmp_path / "x.png") == 2
     err = capsys.readouterr().err
     assert "holds an autoencoder, which does not generate images" in err and err.count("\n") == 1
+
+
+def test_a_latent_text_run_trains_on_latents_resumes_bit_exactly_and_samples_prompts(runs_dir, autoencoder_run,
+                                                                                      tmp_path, capsys):
+    ae_config, _ = autoencoder_run
+    config = runs.start_config("latent-text-tiny", runs_dir=str(runs_dir), name="latent-text",
+                               autoencoder=str(ae_config.run_dir), steps=12, checkpoint_every=6, sample_every=12)
+    assert isinstance(config, configs.TextConfig) and isinstance(config, configs.LatentConfig)
+    assert config.unet.image_size == 7 and config.unet.in_channels == 4 and config.unet.context_dim == 8
+    whole = training.train(config)
+    assert runs.load(config.run_dir).checkpoint.kind == "latent-text"
+    grid = np.asarray(PIL.Image.open(config.run_dir / "samples" / "step_00000012.png"))
+    assert grid.shape[1] == 4 * 28 + 3 * 2  # decoded: digits, not latents
+    interrupted = dataclasses.replace(config, name="latent-text-interrupted")
+    assert int(training.train(interrupted, callback=ctrl_c_at(4)).step) == 4
+    resumed = training.train(runs.resume_config(runs_dir=str(runs_dir), name="latent-text-interrupted"))
+    assert leaves_equal(resumed, whole)  # the same captions, prompt dropout and latents drawn again
+
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    flags = ("--checkpoint", config.run_dir, "--steps", 3, "--n", 1, "--prompt", "a bold seven", "--negative-prompt",
+             "thin")
+    assert _sample(*flags, "--out", first) == 0
+    assert np.asarray(PIL.Image.open(first)).shape == (28, 28)
+    assert _sample("--from-png", first, "--out", again) == 0
+    assert first.read_bytes() == again.read_bytes()
+    capsys.readouterr()
+    assert _sample("--checkpoint", config.run_dir, "--label", "3", "--out", tmp_path / "x.png") == 2
+    assert "steered by text prompts, not class labels" in capsys.readouterr().err
