@@ -32,7 +32,7 @@ def digit_settings(checkpoint: runs.Checkpoint, n: int = 1000, first_seed: int =
     """n digits of ``checkpoint``, seeds counting up from ``first_seed``, each drawn once per class; ``choices``
     (Settings fields: sampler, steps, guidance, ...) over the checkpoint's defaults."""
     config = checkpoint.config
-    if isinstance(checkpoint.config, TextConfig):
+    if isinstance(config, TextConfig):
         raise GenerationError(
             "this lays out digits by class; a text model is judged by its prompts: "
             f"python benchmarks/text_prompts.py --checkpoint {checkpoint.path}"
