@@ -61,16 +61,21 @@ def trained_latent_model(fast: bool = FAST) -> runs.Loaded:
     """A latent model, loaded: ``runs/latent`` (``train.py --preset latent``) if it has a checkpoint, else trained
     now on ``runs/autoencoder`` (``train.py --preset autoencoder``), which is trained first if absent; in fast
     mode ``latent-tiny`` on ``autoencoder-tiny``, a few steps each. Its autoencoder: ``runs.load_latent_space``."""
-    autoencoder = _trained_run("autoencoder", "autoencoder", "autoencoder-tiny", fast)
-    return runs.load(_trained_run("latent", "latent", "latent-tiny", fast, autoencoder=str(autoencoder)))
+    return runs.load(_trained_run("latent", "latent", "latent-tiny", fast, autoencoder=_trained_autoencoder(fast)))
 
 
 def trained_latent_text_model(fast: bool = FAST) -> runs.Loaded:
     """A text model in latent space, loaded: ``runs/latent-text`` (``train.py --preset latent-text``) if it has a
     checkpoint, else trained now on the autoencoder of ``trained_latent_model`` (``latent-text-tiny`` in fast
     mode)."""
-    autoencoder = _trained_run("autoencoder", "autoencoder", "autoencoder-tiny", fast)
-    return runs.load(_trained_run("latent-text", "latent-text", "latent-text-tiny", fast, autoencoder=str(autoencoder)))
+    return runs.load(
+        _trained_run("latent-text", "latent-text", "latent-text-tiny", fast, autoencoder=_trained_autoencoder(fast))
+    )
+
+
+def _trained_autoencoder(fast: bool) -> str:
+    """The folder of ``runs/autoencoder``, trained now if absent (``autoencoder-tiny`` in fast mode)."""
+    return str(_trained_run("autoencoder", "autoencoder", "autoencoder-tiny", fast))
 
 
 def trained_text_model(fast: bool = FAST) -> runs.Loaded:

@@ -151,6 +151,10 @@ def adapt(model: UNet, config: LoRAConfig, rngs: nnx.Rngs) -> list:
     return []
 
 
+def _text_model(config: TextConfig, rngs: nnx.Rngs) -> TextUNet:
+    return TextUNet(config.unet, config.text_encoder, config.vocabulary, rngs=rngs)
+
+
 def _adapted_model(config: LoRAConfig, rngs: nnx.Rngs) -> UNet:
     model = UNet(config.unet, rngs=rngs)
     adapt(model, config, rngs)
@@ -166,7 +170,7 @@ KINDS = {
     ),
     "text": Kind(
         config_from_dict=functools.partial(config_from_dict, cls=TextConfig),
-        make_model=lambda config, rngs: TextUNet(config.unet, config.text_encoder, config.vocabulary, rngs=rngs),
+        make_model=_text_model,
         references=lambda config: (),
         conditioning=lambda config: Conditioning("text"),
     ),
@@ -184,7 +188,7 @@ KINDS = {
     ),
     "latent-text": Kind(
         config_from_dict=functools.partial(config_from_dict, cls=LatentTextConfig),
-        make_model=lambda config, rngs: TextUNet(config.unet, config.text_encoder, config.vocabulary, rngs=rngs),
+        make_model=_text_model,  # on the latent grid: config.unet is the latent one
         references=lambda config: (_autoencoder_of(config),),
         conditioning=lambda config: Conditioning("text"),
     ),
