@@ -21,8 +21,11 @@ elsewhere: at high noise, where the layout of the image is chosen, guidance
 pulls every sample towards the same few modes (less diversity), and at low
 noise it does little but sharpen. ``interval`` is given in the denoiser's own
 time (a timestep of the schedule, or flow time); ``generate`` converts the
-paper's sigma interval. A step outside the interval calls the network on the
-conditional batch alone (``lax.cond``), so it costs half a guided step.
+paper's sigma interval. As in the paper's code, the choice is made once per
+sampler step, by the step's own time (``Guided.at_step``): all the network calls
+of a step, Heun's corrector included, are guided or none are. A step outside
+the interval calls the network on the conditional batch alone (``lax.cond``),
+so it costs half a guided step.
 
 Guidance rescale (Lin et al. 2023, eq. 15-16) counters the over-saturation of
 large scales: the guided prediction is rescaled to the standard deviation of
@@ -65,6 +68,13 @@ class Guided:
     scale: float = dataclasses.field(metadata=dict(static=True))
     rescale: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     interval: tuple[float, float] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    step_time: Any = None  # set by ``at_step``: the time that decides guidance, in place of each call's own
+
+    def at_step(self, t) -> Guided:
+        """This denoiser for every network call of the sampler step at time t: guided as t says, whatever the
+        time of the call (Kynkäänniemi et al. 2024 decide per step, so a step is guided or unguided throughout).
+        """
+        return self if self.interval is None else dataclasses.replace(self, step_time=t)
 
     def __call__(self, x, t, cond):
         if cond is None:
@@ -74,7 +84,8 @@ class Guided:
         if self.interval is None:
             return self._guide(x, t, cond, self.scale)
         low, high = self.interval  # the conditional prediction (scale 1) outside [low, high]
-        inside = (t >= low) & (t <= high)
+        when = t if self.step_time is None else jnp.broadcast_to(self.step_time, t.shape)
+        inside = (when >= low) & (when <= high)
         scale = jnp.where(inside, self.scale, 1.0).reshape(-1, *(1,) * (x.ndim - 1))
         # A step outside the interval needs no unconditional branch: one network call on the plain batch.
         return lax.cond(jnp.any(inside), lambda: self._guide(x, t, cond, scale), lambda: self.denoiser(x, t, cond))

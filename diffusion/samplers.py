@@ -26,6 +26,10 @@ A denoiser is any JAX-traceable ``(x, t, cond) -> prediction`` (t of shape (B,),
 float), in a parameterization declared by the caller (eps, x0, v, score, or
 velocity for flows); ``diffusion.forward`` converts predictions. Grids follow
 the widely used implementations (see docs/samplers.md for every convention).
+
+Guidance in an interval of noise levels (``diffusion.guidance``) is decided once
+per step, by the step's own time, so that all of a step's network calls see one
+and the same field.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from jax import lax
 
 from diffusion import forward
 from diffusion.errors import InputError, check_whole
+from diffusion.guidance import Guided
 from diffusion.schedules import (
     LCM_ORIGIN_STEPS, Schedule, flow_timesteps, karras_sigmas, lcm_timesteps, sigma_at, timestep_at, timesteps,
 )
@@ -742,14 +747,16 @@ def _join_denoiser(arrays, static):
 def _body(static: _Static, dyn: _Dynamic):
     """The scan body: (state, i) -> (state, frame), frame = (x_t, x0_hat) or None."""
     denoiser = _join_denoiser(dyn.denoiser, static.denoiser)
-    model = FAMILIES[static.sampler.family].model(
-        denoiser, static.parameterization, static.schedule, dyn.cond, static.clip_x0
-    )
-    step = functools.partial(static.sampler.step, model, dyn.grid, **dict(static.options))
-    if static.wrap is not None:
-        step = static.wrap(step, dyn.edit_args)
 
     def body(state, i):
+        # Guidance in an interval is decided by the step's time, for all of the step's network calls.
+        step_denoiser = denoiser.at_step(dyn.grid.timesteps[i]) if isinstance(denoiser, Guided) else denoiser
+        model = FAMILIES[static.sampler.family].model(
+            step_denoiser, static.parameterization, static.schedule, dyn.cond, static.clip_x0
+        )
+        step = functools.partial(static.sampler.step, model, dyn.grid, **dict(static.options))
+        if static.wrap is not None:
+            step = static.wrap(step, dyn.edit_args)
         key = None if dyn.key is None else jax.random.fold_in(dyn.key, i)
         state, x0 = step(state, i, key)
         return state, ((state[0] / dyn.state_factor[i + 1], x0) if static.trajectory else None)
@@ -803,7 +810,9 @@ def run(
     ``jax.tree_util.Partial``'s arguments -- are arguments of the program, so a
     model trained further is sampled with its new weights without recompiling.
     Arrays captured in a closure are constants baked in at first compile:
-    pass the model itself (or a Partial) rather than a lambda around it.
+    pass the model itself (or a Partial) rather than a lambda around it. A
+    ``guidance.Guided`` denoiser with an interval is guided step by step
+    (``Guided.at_step``).
     """
     x_start, cond = _check_inputs(plan, denoiser, x_start, key, cond)
     levels = plan.family.levels(plan.grid)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import editing, metrics, mixture
+from diffusion import editing, metrics, mixture, samplers
 from diffusion.guidance import classifier_free_guidance, rescale_guidance
 from diffusion.samplers import sample
 from diffusion.schedules import Schedule
@@ -69,6 +69,32 @@ def test_guidance_in_an_interval_is_the_conditional_prediction_outside_it():
     assert executed == [4, 8]  # some inside: both branches
     with pytest.raises(ValueError, match=r"two times \(low, high\) with low <= high"):
         classifier_free_guidance(EPS, 3.0, NULL, interval=(500.0, 300.0))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun"])
+def test_guidance_in_an_interval_is_decided_per_step(sampler):
+    """Point masses make every step exact: the data is a point per label, x0_hat is that point, and a DDIM,
+    Euler or Heun step carries x_t exactly along its straight path to the point -- provided all of the step's
+    network calls see the same field. Heun's corrector at the next level must be guided exactly when the step is
+    (Kynkäänniemi et al. 2024's sampler decides per step), whatever the corrector's own time."""
+    points = jnp.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])  # labels 0, 1 and NULL (= 2)
+    scale = 3.0
+    denoiser = lambda x, t, cond: jnp.broadcast_to(points[cond], x.shape)  # noqa: E731 (an x0-prediction)
+    plan = samplers.make_plan(sampler, schedule=SCHEDULE, steps=8, parameterization="x0")
+    t = np.asarray(plan.grid.timesteps)
+    interval = (t[4] - 0.5, t[2] + 0.5)  # steps 2, 3, 4; Heun's correctors of steps 1 and 4 run at t[2] and t[5]
+    guided = classifier_free_guidance(denoiser, scale, NULL, interval=interval)
+    cond = jnp.array([0, 1])
+    x_T = jax.random.normal(jax.random.key(3), (2, 2))
+    xs = samplers.run(plan, guided, x_T, cond=cond, return_trajectory=True).xs
+
+    signal, noise = (np.asarray(v, np.float64) for v in plan.family.scales(plan.grid))
+    x = np.asarray(x_T, np.float64)
+    for k in range(plan.steps):
+        target = np.asarray(points[NULL] + (scale if 2 <= k <= 4 else 1.0) * (points[cond] - points[NULL]))
+        assert np.allclose(xs[k], x, atol=1e-4), f"frame {k}"
+        x = signal[k + 1] * target + noise[k + 1] * (x - signal[k] * target) / noise[k]
+    np.testing.assert_allclose(xs[-1], x, atol=1e-4)
 
 
 def test_guidance_rescale_matches_the_conditional_standard_deviation():
