@@ -7,13 +7,13 @@ function -- read it beside the paper it names -- and they all share one driver,
 compiled XLA program (``lax.scan``), or, for debugging, the same step function
 in a Python loop.
 
-The thirteen samplers of the registry ``SAMPLERS`` fall into three families, by the
+The fourteen samplers of the registry ``SAMPLERS`` fall into three families, by the
 variable they step in:
 
 - ``vp`` (``ddpm``, ``ddim``, ``plms``, ``lcm``): the DDPM sample x_t = sqrt(alpha_bar) x_0
   + sqrt(1 - alpha_bar) eps itself, on the integer training timesteps (``lcm`` is
   for consistency-distilled models only, ``diffusion.distillation``).
-- ``sigma`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2m_karras``,
+- ``sigma`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2m_karras``, ``unipc``,
   ``dpmpp_2m_sde``, ``dpmpp_2m_sde_karras``):
   Karras et al.'s x = x_t / sqrt(alpha_bar) = x_0 + sigma eps, where the
   probability-flow ODE is simply dx/dsigma = (x - x0_hat) / sigma; the network
@@ -423,6 +423,17 @@ def heun_step(slope, grid, state, i, key, *, churn=0.0):
     return (lax.cond(sigma_next > 0, trapezoid, lambda: x_euler), None), x0
 
 
+def _log_step(sigmas, i):
+    """h = log(sigma_i / sigma_{i+1}), step i's length in lambda = -log sigma, r = h_{i-1} / h, and whether r exists.
+
+    It does not on the first step (no step before it; sigmas[i - 1] wraps round
+    to the final 0) nor on the last, to sigma = 0, where h is infinite: r is 1 there.
+    """
+    h = jnp.log(sigmas[i] / sigmas[i + 1])
+    has_previous = (i > 0) & (sigmas[i + 1] > 0)
+    return h, jnp.where(has_previous, jnp.log(sigmas[i - 1] / sigmas[i]) / h, 1.0), has_previous
+
+
 def _dpmpp_2m_data(grid, i, x0, history):
     """h = lambda_next - lambda and D, x0_hat extrapolated linearly in lambda from the previous step (DPM-Solver++(2M)).
 
@@ -430,11 +441,7 @@ def _dpmpp_2m_data(grid, i, x0, history):
     step, and the last (to sigma = 0), use D = x0_hat (first order, as the widely
     used implementations do).
     """
-    # At i = 0, sigmas[i - 1] wraps round to the final 0: log(sigma_prev / sigma) is -inf there, discarded by where.
-    sigma_prev, sigma, sigma_next = grid.sigmas[i - 1], grid.sigmas[i], grid.sigmas[i + 1]
-    h = jnp.log(sigma / sigma_next)
-    second_order = (i > 0) & (sigma_next > 0)
-    r = jnp.where(second_order, jnp.log(sigma_prev / sigma) / h, 1.0)
+    h, r, second_order = _log_step(grid.sigmas, i)
     return h, jnp.where(second_order, x0 + (x0 - history[0]) / (2 * r), x0)
 
 
@@ -470,6 +477,60 @@ def dpmpp_2m_sde_step(slope, grid, state, i, key, *, eta=1.0):
     if eta > 0:  # (at eta = 0 the noise's -2 eta h would be 0 * inf = nan on the last step)
         x_next = x_next + sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * eta * h)) * _normal(key, x)
     return (x_next, x0[None]), x0
+
+
+def _unipc_coefficients(h, variant):
+    """B(h) and the right-hand sides b_1, b_2 of UniPC's order conditions, data prediction (Zhao et al. 2023, Thm. 3.1).
+
+    In the data-prediction form the exponent is hh = -h: b_k = k! hh phi_{k+1}(hh) / B(h)
+    with phi_1(z) = (e^z - 1) / z and phi_{k+1}(z) = (phi_k(z) - 1/k!) / z, and B(h) = e^hh - 1
+    ("bh2") or hh ("bh1"). Both tend to 1/2 and 1/3 as h -> 0.
+    """
+    hh = -h
+    b = jnp.expm1(hh) if variant == "bh2" else hh
+    g_1 = jnp.expm1(hh) / hh - 1.0  # hh phi_2(hh)
+    g_2 = g_1 / hh - 0.5  # hh phi_3(hh)
+    return b, g_1 / b, 2.0 * g_2 / b
+
+
+def unipc_step(slope, grid, state, i, key, *, variant="bh2"):
+    """UniPC (Zhao et al. 2023, "UniPC"), order 2 in data prediction, as the widely used implementations run it.
+
+    A multistep predictor-corrector in lambda = -log sigma at one network call per
+    step. The call at the x_i the predictor reached gives x0_hat_i, which first
+    *corrects* x_i (UniC: the order conditions of ``_unipc_coefficients`` solved
+    with the new x0_hat_i as one more point), then *predicts* x_{i+1} from the
+    corrected x_i (UniP-2). With B(h) = e^hh - 1 ("bh2", diffusers' default) the
+    predictor is DPM-Solver++(2M); "bh1" (B(h) = hh) is the official code's
+    default. The corrector raises the order by one: 3 for the whole run. As the
+    common implementations do, a single difference gets the weight 1/2 instead
+    of b_1 (UniC-1 on the second step, UniP-2's predictor); the first step and
+    the last (to sigma = 0) predict at first order, and x_0 after the last step
+    is x0_hat there. The correction is applied as an increment to the x the step
+    is given, so an edit (inpainting) that changed x keeps its change. State:
+    (x_i as predicted, (x0_hat_{i-1}, x0_hat_{i-2})).
+    """
+    x, history = state
+    sigmas = grid.sigmas
+    _, x0 = slope(x, sigmas[i])
+    x0_prev, x0_prev2 = history[0], history[1]
+
+    # UniC: correct the step i - 1 -> i now that x0_hat_i is known (none at i = 0, where step 0's numbers stand in).
+    h, r, _ = _log_step(sigmas, jnp.maximum(i - 1, 0))
+    b, b_1, b_2 = _unipc_coefficients(h, variant)
+    rho_0 = (b_1 - b_2) / (1.0 + r)  # the 2 x 2 system rho_0 (-r)^(k-1) + rho_1 = b_k, k = 1, 2
+    d_1 = (x0_prev - x0_prev2) / r
+    second = rho_0 * d_1 + (b_1 - rho_0) * (x0 - x0_prev) - d_1 / 2  # minus the predictor's own term
+    correction = jnp.where(i >= 2, second, (x0 - x0_prev) / 2)
+    x = jnp.where(i >= 1, x - b * correction, x)
+
+    # UniP-2: predict x_{i+1} from the corrected x_i.
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    h, r, second_order = _log_step(sigmas, i)
+    b, _, _ = _unipc_coefficients(h, variant)
+    extrapolation = jnp.where(second_order, b * (x0 - x0_prev) / (2 * r), 0.0)
+    x_next = (sigma_next / sigma) * x - jnp.expm1(-h) * x0 - extrapolation
+    return (x_next, jnp.stack([x0, x0_prev])), x0
 
 
 # --- The registry ----------------------------------------------------------------------
@@ -533,6 +594,9 @@ SAMPLERS = {
     ),
     "dpmpp_2m": Sampler(dpmpp_2m_step, family="sigma", spacing="linspace", history=1),
     "dpmpp_2m_karras": Sampler(dpmpp_2m_step, family="sigma", spacing="karras", history=1),
+    "unipc": Sampler(
+        unipc_step, family="sigma", spacing="linspace", options=(("variant", "bh2"),), history=2,
+    ),
     "dpmpp_2m_sde": Sampler(
         dpmpp_2m_sde_step, family="sigma", spacing="linspace", options=(("eta", 1.0),), history=1,
         stochastic=_positive("eta"),
@@ -546,6 +610,7 @@ SAMPLERS = {
 }
 
 VARIANCES = ("fixed_small", "fixed_large")
+UNIPC_VARIANTS = ("bh1", "bh2")
 
 
 # --- Plans: everything about a run that is settled before compiling -------------------
@@ -666,6 +731,8 @@ def _check_options(sampler, options):
         raise InputError(f"{sampler}: churn must be >= 0 (got {options['churn']}); 0 means deterministic")
     if "variance" in options and options["variance"] not in VARIANCES:
         raise InputError(f"{sampler}: variance must be one of {', '.join(VARIANCES)} (got {options['variance']!r})")
+    if "variant" in options and options["variant"] not in UNIPC_VARIANTS:
+        raise InputError(f"{sampler}: variant must be one of {', '.join(UNIPC_VARIANTS)} (got {options['variant']!r})")
 
 
 def _check_terminal_snr(sampler, grid, parameterization):
