@@ -7,14 +7,14 @@ function -- read it beside the paper it names -- and they all share one driver,
 compiled XLA program (``lax.scan``), or, for debugging, the same step function
 in a Python loop.
 
-The fourteen samplers of the registry ``SAMPLERS`` fall into three families, by the
+The sixteen samplers of the registry ``SAMPLERS`` fall into three families, by the
 variable they step in:
 
 - ``vp`` (``ddpm``, ``ddim``, ``plms``, ``lcm``): the DDPM sample x_t = sqrt(alpha_bar) x_0
   + sqrt(1 - alpha_bar) eps itself, on the integer training timesteps (``lcm`` is
   for consistency-distilled models only, ``diffusion.distillation``).
 - ``sigma`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2m_karras``, ``unipc``,
-  ``dpmpp_2m_sde``, ``dpmpp_2m_sde_karras``):
+  ``dpmpp_sde``, ``dpmpp_sde_karras``, ``dpmpp_2m_sde``, ``dpmpp_2m_sde_karras``):
   Karras et al.'s x = x_t / sqrt(alpha_bar) = x_0 + sigma eps, where the
   probability-flow ODE is simply dx/dsigma = (x - x0_hat) / sigma; the network
   is called at the fractional timestep of each sigma.
@@ -386,20 +386,28 @@ def euler_step(slope, grid, state, i, key, *, churn=0.0):
     return (x + d * (grid.sigmas[i + 1] - sigma), None), x0
 
 
+def _ancestral_split(sigma, sigma_next, eta):
+    """sigma_down and sigma_up of an ancestral step from sigma to sigma_next (k-diffusion's ``get_ancestral_step``).
+
+    sigma_down^2 + sigma_up^2 = sigma_next^2, and sigma_up^2 = eta^2 sigma_next^2
+    (sigma^2 - sigma_next^2) / sigma^2: the noise of a DDPM step, in sigma space.
+    """
+    sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    # Clamped at 0: when sigma_up = sigma_next, rounding (a fused multiply-add) can leave a tiny negative.
+    return jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0)), sigma_up
+
+
 def euler_ancestral_step(slope, grid, state, i, key, *, eta=1.0):
     """Euler "ancestral" (k-diffusion's ``sample_euler_ancestral``, the "Euler a" of image tools).
 
     Step deterministically down to sigma_down, then add fresh noise up to
-    sigma_next, split so that sigma_down^2 + sigma_up^2 = sigma_next^2 and
-    sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2: the noise
-    of an ancestral (DDPM-like) step, in sigma space.
+    sigma_next (``_ancestral_split``): the noise of an ancestral (DDPM-like)
+    step, in sigma space.
     """
     x, _ = state
     sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
     d, x0 = slope(x, sigma)
-    sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    # Clamped at 0: when sigma_up = sigma_next, rounding (a fused multiply-add) can leave a tiny negative.
-    sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))
+    sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
     x = x + d * (sigma_down - sigma)
     return (x + sigma_up * _normal(key, x) if eta > 0 else x, None), x0
 
@@ -479,6 +487,47 @@ def dpmpp_2m_sde_step(slope, grid, state, i, key, *, eta=1.0):
     return (x_next, x0[None]), x0
 
 
+def _brownian_noise(key, x, sigma, sigma_mid, sigma_next):
+    """Two standard normals with the joint law of k-diffusion's Brownian-tree noise within one step.
+
+    n_1 and n_2 are the increments of one Brownian motion W(sigma) from sigma to
+    sigma_mid and from sigma to sigma_next, each divided by its standard
+    deviation: they share the first stretch, so their correlation is
+    sqrt((sigma - sigma_mid) / (sigma - sigma_next)).
+    """
+    key_1, key_2 = jax.random.split(key)
+    z_1, z_2 = _normal(key_1, x), _normal(key_2, x)
+    first, second = sigma - sigma_mid, sigma_mid - sigma_next
+    return z_1, (jnp.sqrt(first) * z_1 + jnp.sqrt(second) * z_2) / jnp.sqrt(first + second)
+
+
+def dpmpp_sde_step(slope, grid, state, i, key, *, eta=1.0):
+    """DPM++ SDE (k-diffusion's ``sample_dpmpp_sde``, r = 1/2): DPM-Solver++(2S) (Lu et al. 2022) with ancestral noise.
+
+    Two calls a step. An ancestral half step (``_ancestral_split``, the data-prediction
+    update x' = (sigma_down / sigma) x + (1 - sigma_down / sigma) D, then noise
+    sigma_up) from sigma to the midpoint in lambda = -log sigma,
+    sigma_mid = sqrt(sigma sigma_next), gives x0_hat_mid there; a whole ancestral
+    step from x to sigma_next then uses D = x0_hat_mid. The two noises are those
+    of one Brownian path (``_brownian_noise``; k-diffusion draws them from a
+    Brownian tree). eta = 0 is the deterministic DPM-Solver++(2S), second order.
+    The last step, to sigma = 0, returns x0_hat (one call).
+    """
+    x, _ = state
+    sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
+    _, x0 = slope(x, sigma)
+
+    def two_stages():
+        sigma_mid = jnp.sqrt(sigma * sigma_next)
+        noise_mid, noise = _brownian_noise(key, x, sigma, sigma_mid, sigma_next) if eta > 0 else (0.0, 0.0)
+        down, up = _ancestral_split(sigma, sigma_mid, eta)
+        _, x0_mid = slope((down / sigma) * x + (1.0 - down / sigma) * x0 + up * noise_mid, sigma_mid)
+        down, up = _ancestral_split(sigma, sigma_next, eta)
+        return (down / sigma) * x + (1.0 - down / sigma) * x0_mid + up * noise
+
+    return (lax.cond(sigma_next > 0, two_stages, lambda: x0), None), x0
+
+
 def _unipc_coefficients(h, variant):
     """B(h) and the right-hand sides b_1, b_2 of UniPC's order conditions, data prediction (Zhao et al. 2023, Thm. 3.1).
 
@@ -540,7 +589,7 @@ def _one_call_per_step(grid):
     return np.ones(len(grid.timesteps), np.int64)
 
 
-def _heun_calls(grid):
+def _two_calls_but_the_last(grid):
     return 1 + (np.asarray(grid.sigmas[1:]) > 0).astype(np.int64)
 
 
@@ -589,13 +638,21 @@ SAMPLERS = {
         euler_ancestral_step, family="sigma", spacing="linspace", options=(("eta", 1.0),), stochastic=_positive("eta")
     ),
     "heun": Sampler(
-        heun_step, family="sigma", spacing="linspace", options=(("churn", 0.0),), calls=_heun_calls,
+        heun_step, family="sigma", spacing="linspace", options=(("churn", 0.0),), calls=_two_calls_but_the_last,
         stochastic=_positive("churn"),
     ),
     "dpmpp_2m": Sampler(dpmpp_2m_step, family="sigma", spacing="linspace", history=1),
     "dpmpp_2m_karras": Sampler(dpmpp_2m_step, family="sigma", spacing="karras", history=1),
     "unipc": Sampler(
         unipc_step, family="sigma", spacing="linspace", options=(("variant", "bh2"),), history=2,
+    ),
+    "dpmpp_sde": Sampler(
+        dpmpp_sde_step, family="sigma", spacing="linspace", options=(("eta", 1.0),), calls=_two_calls_but_the_last,
+        stochastic=_positive("eta"),
+    ),
+    "dpmpp_sde_karras": Sampler(
+        dpmpp_sde_step, family="sigma", spacing="karras", options=(("eta", 1.0),), calls=_two_calls_but_the_last,
+        stochastic=_positive("eta"),
     ),
     "dpmpp_2m_sde": Sampler(
         dpmpp_2m_sde_step, family="sigma", spacing="linspace", options=(("eta", 1.0),), history=1,
@@ -606,7 +663,7 @@ SAMPLERS = {
         stochastic=_positive("eta"),
     ),
     "flow_euler": Sampler(euler_step, family="flow", spacing=None),
-    "flow_heun": Sampler(heun_step, family="flow", spacing=None, calls=_heun_calls),
+    "flow_heun": Sampler(heun_step, family="flow", spacing=None, calls=_two_calls_but_the_last),
 }
 
 VARIANCES = ("fixed_small", "fixed_large")

@@ -44,6 +44,7 @@ ORDERS = {  # sampler, extra settings, expected order
     # unit of lambda long until N approaches T, so the asymptotic order shows only later (2.2 at N = 128-512).
     "unipc": ({"sigma_max": None, "spacing": "karras"}, 3),
     "unipc bh1": ({"sigma_max": None, "spacing": "karras", "variant": "bh1"}, 3),
+    "dpmpp_sde": ({"sigma_max": None, "eta": 0.0}, 2),  # without its noise: DPM-Solver++(2S)
     "flow_euler": ({}, 1),
     "flow_heun": ({}, 2),
 }
@@ -136,6 +137,26 @@ def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m_and_its_noise_keeps_the_marginal
     np.testing.assert_allclose(np.std(x_next, axis=0), sigma_next, rtol=0.01)
 
 
+def test_dpmpp_sde_keeps_the_marginals_and_its_two_noises_are_one_brownian_path():
+    # Point-mass data, as above: the midpoint's x0_hat is m whatever its noise, and the step must carry
+    # N(m, sigma^2) to N(m, sigma_next^2).
+    n, sigma, sigma_next = 200_000, 3.0, 1.0
+    m = jnp.broadcast_to(jnp.asarray([2.0, -1.0]), (n, 2))
+    grid = samplers.SigmaGrid(jnp.asarray([0.0, 0.0]), jnp.asarray([sigma, sigma_next, 0.0]))
+    x = m + sigma * jax.random.normal(jax.random.key(11), (n, 2))
+    slope = lambda x, s: ((x - m) / s, m)  # noqa: E731
+    (x_next, _), _ = samplers.dpmpp_sde_step(slope, grid, (x, None), 0, jax.random.key(12))
+    np.testing.assert_allclose(np.mean(x_next, axis=0), [2.0, -1.0], atol=0.01)
+    np.testing.assert_allclose(np.std(x_next, axis=0), sigma_next, rtol=0.01)
+    # The noises at the midpoint and at the end: increments of one Brownian motion from sigma, so their
+    # correlation is sqrt((sigma - sigma_mid) / (sigma - sigma_next)) (0.85 here), each of variance 1.
+    sigma_mid = np.sqrt(sigma * sigma_next)
+    first, second = samplers._brownian_noise(jax.random.key(13), x, sigma, sigma_mid, sigma_next)
+    np.testing.assert_allclose([np.var(first), np.var(second)], 1.0, rtol=0.01)
+    expected = np.sqrt((sigma - sigma_mid) / (sigma - sigma_next))
+    np.testing.assert_allclose(np.mean(first * second), expected, atol=0.01)
+
+
 def test_euler_is_ddim_in_sigma_space():
     # On the same grid (all T integer timesteps), DDIM's update sqrt(ab') x0 + sqrt(1 - ab') eps is
     # exactly an Euler step of dx/dsigma = (x - x0_hat) / sigma for x = x_t / sqrt(alpha_bar).
@@ -159,7 +180,9 @@ def test_long_and_good_samplers_reproduce_the_mixture_and_5_steps_do_not(report)
     x_T = jax.random.normal(jax.random.key(2), (n, 2))
     truth, _ = mixture.sample(RING, jax.random.key(3), n)
     distance = {}
-    for name, steps in [("ddpm", 1000), ("dpmpp_2m", 20), ("euler_a", 50), ("dpmpp_2m_sde", 25), ("dpmpp_2m", 5)]:
+    for name, steps in [
+        ("ddpm", 1000), ("dpmpp_2m", 20), ("euler_a", 50), ("dpmpp_2m_sde", 25), ("dpmpp_sde_karras", 10), ("dpmpp_2m", 5),
+    ]:
         x = _run(name, x_T, steps, key=jax.random.key(5)).x
         distance[name, steps] = metrics.sliced_wasserstein(x, truth)
         weights = metrics.mode_weights(x, RING)
@@ -220,7 +243,7 @@ def test_grids_and_nfe_follow_the_common_implementations():
     nfe = {name: plan(name).nfe for name in samplers.SAMPLERS if not name.startswith("flow")}
     assert nfe == dict(
         ddpm=10, ddim=10, plms=11, lcm=10, euler=10, euler_a=10, heun=19, dpmpp_2m=10, dpmpp_2m_karras=10,
-        unipc=10, dpmpp_2m_sde=10, dpmpp_2m_sde_karras=10,
+        unipc=10, dpmpp_sde=19, dpmpp_sde_karras=19, dpmpp_2m_sde=10, dpmpp_2m_sde_karras=10,
     )
     assert make_plan("flow_heun", schedule=None, steps=10, parameterization="velocity").nfe == 19
 
@@ -339,7 +362,7 @@ def test_ddim_with_eta_one_is_ddpm_and_ddpm_uses_the_posterior_of_ho_et_al():
 
 # --- Determinism, loop forms, trajectories, compilation ---------------------------------------
 
-LOOP_CASES = [("ddpm", {}), ("plms", {}), ("heun", {"churn": 1.0}), ("unipc", {}), ("dpmpp_2m_sde_karras", {})]
+LOOP_CASES = [("ddpm", {}), ("plms", {}), ("heun", {"churn": 1.0}), ("unipc", {}), ("dpmpp_sde", {}), ("dpmpp_2m_sde_karras", {})]
 
 
 @pytest.mark.parametrize("name, options", LOOP_CASES)
