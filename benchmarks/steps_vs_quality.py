@@ -83,6 +83,24 @@ def markdown(rows, title, first="sampler", name=lambda r: r["sampler"], verdict=
     return "\n".join(lines)
 
 
+def plot_curves(rows: list[dict], floor: float, title: str, path: Path):
+    """FID against NFE, a line per sampler: solid for deterministic samplers, dashed for stochastic ones."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.get_cmap("tab20").colors[0::2] + plt.get_cmap("tab20").colors[1::2]  # ten dark hues, then light
+    for k, name in enumerate(sorted({r["sampler"] for r in rows})):
+        mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+        spec = samplers.SAMPLERS[name]
+        style = "s--" if spec.stochastic(dict(spec.options)) else "o-"
+        ax.plot([r["nfe"] for r in mine], [r["fid"] for r in mine], style, color=colours[k % len(colours)], label=name)
+    ax.axhline(floor, color="k", ls=":", label=f"real-vs-real floor ({floor:.1f})")
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations per digit (NFE)", ylabel="MNIST-classifier FID",
+           title=title)
+    ax.legend(fontsize=8, ncol=2, title="solid: deterministic, dashed: stochastic", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=runs.DEFAULT_RUN)
@@ -132,17 +150,8 @@ def main(argv=None):
         f.writelines(json.dumps(r) + "\n" for r in all_rows)
 
     curve_rows = [row for rows in groups.values() for row in rows] + full_rows
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name in sorted({r["sampler"] for r in curve_rows}):
-        rows = sorted((r for r in curve_rows if r["sampler"] == name), key=lambda r: r["nfe"])
-        ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], "o-", label=name)
-    floor = all_rows[0]["floor"]
-    ax.axhline(floor, color="k", ls=":", label=f"real-vs-real floor ({floor:.1f})")
-    ax.set(xscale="log", yscale="log", xlabel="network evaluations per digit (NFE)", ylabel="MNIST-classifier FID",
-           title=f"FID against NFE at guidance {guidance['guidance']:g} ({_interval(all_rows[0])}), {args.n} digits")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=110)
+    title = f"FID against NFE at guidance {guidance['guidance']:g} ({_interval(all_rows[0])}), {args.n} digits"
+    plot_curves(curve_rows, all_rows[0]["floor"], title, out / "quality.png")
 
     sections = []
     for group, rows in groups.items():
