@@ -9,11 +9,11 @@ checkpoint's default guidance (``generate.default_settings``) unless
 seconds per 100 digits, classifier accuracy, MNIST-classifier FID (with its
 real-vs-real floor), precision and recall. The rows are each sampler at its
 usual setting (``USUAL``: DDIM, Euler, DPM++ 2M (Karras), UniPC at 10 and 20
-steps, Heun at 10, PLMS at 20, DDPM and Euler a at 25 and 50, DPM++ SDE Karras at 10
-and 15, DPM++ 2M SDE Karras at 25), each marked by how far its FID is from the best deterministic (or
-stochastic) row; ``--full`` adds every sampler at 5 to 100 steps and DDPM at
-1000. Then a guidance sweep: DPM++ 2M at 20 steps, scales 1 to 4, in the
-default interval and at every step.
+steps, Heun at 10, PLMS at 20, DDPM and Euler a at 25 and 50, DPM++ SDE Karras
+at 10 and 15, DPM++ 2M SDE Karras at 25), each marked by how far its FID is
+from the best deterministic (or stochastic) row; ``--full`` adds every sampler
+at 5 to 100 steps and DDPM at 1000. Then a guidance sweep: DPM++ 2M at 20
+steps, scales 1 to 4, in the default interval and at every step.
 
 Writes ``<out>/quality.md`` (the tables, the machine and the command),
 ``<out>/quality.png`` (FID against NFE per sampler) and the raw rows as
@@ -41,11 +41,12 @@ from diffusion import cli, evaluation, generate, runs, samplers  # noqa: E402
 USUAL = {
     "deterministic": [
         ("ddim", 10), ("ddim", 20), ("euler", 10), ("euler", 20), ("dpmpp_2m", 10), ("dpmpp_2m", 20),
-        ("dpmpp_2m_karras", 10), ("dpmpp_2m_karras", 20), ("unipc", 10), ("unipc", 20), ("heun", 10), ("plms", 20),
+        ("dpmpp_2m_karras", 10), ("dpmpp_2m_karras", 20), ("unipc", 10), ("unipc", 20), ("heun", 10),
+        ("plms", 20),
     ],
     "stochastic": [
-        ("ddpm", 25), ("ddpm", 50), ("euler_a", 25), ("euler_a", 50), ("dpmpp_sde_karras", 10), ("dpmpp_sde_karras", 15),
-        ("dpmpp_2m_sde_karras", 25),
+        ("ddpm", 25), ("ddpm", 50), ("euler_a", 25), ("euler_a", 50), ("dpmpp_sde_karras", 10),
+        ("dpmpp_sde_karras", 15), ("dpmpp_2m_sde_karras", 25),
     ],
 }
 TOLERANCE = {"deterministic": 0.15, "stochastic": 0.30}

@@ -105,8 +105,8 @@ def test_deterministic_samplers_converge_to_the_ode_solution_at_their_order(repo
                 denoiser = VELOCITY if flow else X0
                 kind = "velocity" if flow else "x0"
                 result = sample(
-                    denoiser, jnp.asarray(x_T), sampler=name.split()[0], schedule=None if flow else SCHEDULE, steps=steps,
-                    parameterization=kind, **settings,
+                    denoiser, jnp.asarray(x_T), sampler=name.split()[0], schedule=None if flow else SCHEDULE,
+                    steps=steps, parameterization=kind, **settings,
                 )
                 assert result.x.dtype == jnp.float64
                 errors.append(np.sqrt(np.mean(np.sum((np.asarray(result.x) - target) ** 2, axis=1))))
@@ -180,9 +180,8 @@ def test_long_and_good_samplers_reproduce_the_mixture_and_5_steps_do_not(report)
     x_T = jax.random.normal(jax.random.key(2), (n, 2))
     truth, _ = mixture.sample(RING, jax.random.key(3), n)
     distance = {}
-    for name, steps in [
-        ("ddpm", 1000), ("dpmpp_2m", 20), ("euler_a", 50), ("dpmpp_2m_sde", 25), ("dpmpp_sde_karras", 10), ("dpmpp_2m", 5),
-    ]:
+    cases = [("ddpm", 1000), ("dpmpp_2m", 20), ("euler_a", 50), ("dpmpp_2m_sde", 25), ("dpmpp_sde_karras", 10)]
+    for name, steps in cases + [("dpmpp_2m", 5)]:
         x = _run(name, x_T, steps, key=jax.random.key(5)).x
         distance[name, steps] = metrics.sliced_wasserstein(x, truth)
         weights = metrics.mode_weights(x, RING)
@@ -362,7 +361,9 @@ def test_ddim_with_eta_one_is_ddpm_and_ddpm_uses_the_posterior_of_ho_et_al():
 
 # --- Determinism, loop forms, trajectories, compilation ---------------------------------------
 
-LOOP_CASES = [("ddpm", {}), ("plms", {}), ("heun", {"churn": 1.0}), ("unipc", {}), ("dpmpp_sde", {}), ("dpmpp_2m_sde_karras", {})]
+LOOP_CASES = [
+    ("ddpm", {}), ("plms", {}), ("heun", {"churn": 1.0}), ("unipc", {}), ("dpmpp_sde", {}), ("dpmpp_2m_sde_karras", {}),
+]
 
 
 @pytest.mark.parametrize("name, options", LOOP_CASES)
