@@ -155,6 +155,17 @@ def test_dpmpp_sde_keeps_the_marginals_and_its_two_noises_are_one_brownian_path(
     np.testing.assert_allclose([np.var(first), np.var(second)], 1.0, rtol=0.01)
     expected = np.sqrt((sigma - sigma_mid) / (sigma - sigma_next))
     np.testing.assert_allclose(np.mean(first * second), expected, atol=0.01)
+    # Which noise goes where: data N(0, 1), whose x0_hat = x / (1 + sigma^2) makes the end depend on the
+    # midpoint's noise too; the step replayed by hand from the same two noises.
+    gaussian = lambda x, s: ((x - x / (1 + s**2)) / s, x / (1 + s**2))  # noqa: E731
+    key = jax.random.key(14)
+    (x_next, _), _ = samplers.dpmpp_sde_step(gaussian, grid, (x, None), 0, key)
+    noise_mid, noise = samplers._brownian_noise(key, x, sigma, sigma_mid, sigma_next)
+    down, up = samplers._ancestral_split(sigma, sigma_mid, 1.0)
+    x_mid = down / sigma * x + (1 - down / sigma) * x / (1 + sigma**2) + up * noise_mid
+    down, up = samplers._ancestral_split(sigma, sigma_next, 1.0)
+    by_hand = down / sigma * x + (1 - down / sigma) * x_mid / (1 + sigma_mid**2) + up * noise
+    np.testing.assert_allclose(x_next, by_hand, rtol=1e-5, atol=1e-5)
 
 
 def test_euler_is_ddim_in_sigma_space():
